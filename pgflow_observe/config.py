@@ -35,6 +35,8 @@ ENVIRONMENT_VARIABLES: Mapping[str, tuple[str, ...]] = {
     "sweep_interval": ("PGFLOW_OBSERVE_SWEEP_INTERVAL",),
     "retention": ("PGFLOW_OBSERVE_RETENTION",),
     "listen": ("PGFLOW_OBSERVE_LISTEN",),
+    "sweep": ("PGFLOW_OBSERVE_SWEEP",),
+    "fleet_metrics_interval": ("PGFLOW_OBSERVE_FLEET_METRICS_INTERVAL",),
 }
 
 
@@ -79,7 +81,11 @@ class Settings:
     :param retention: offline rows older than this are deleted by the sweeper.
     :param listen: LISTEN for pause/resume notifications (else the heartbeat
         alone carries them, within one interval).
-    :param sweep: take part in the election of the fleet's sweeper.
+    :param sweep: take part in the election of the fleet's sweeper, the one
+        instance that also reports the fleet-wide metrics.
+    :param fleet_metrics_interval: seconds between two reads of the
+        fleet-wide figures (instances by status, pgmq queue depths) by the
+        elected instance.
     :param capacity: how many tasks the executor runs at once, if it knows;
         stored in the row for dashboards.
     :param metadata: small JSON-serialisable mapping stored in the row.
@@ -104,6 +110,7 @@ class Settings:
     retention: float = 86400.0
     listen: bool = True
     sweep: bool = True
+    fleet_metrics_interval: float = 15.0
     capacity: int | None = None
     metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     create_table: bool = False
@@ -116,6 +123,7 @@ class Settings:
         _check_positive("statement_timeout", self.statement_timeout)
         _check_positive("connect_timeout", self.connect_timeout)
         _check_positive("retention", self.retention)
+        _check_positive("fleet_metrics_interval", self.fleet_metrics_interval)
         if self.stale_timeout <= 2 * self.heartbeat_interval:
             raise ConfigurationError(
                 f"stale_timeout must be more than twice heartbeat_interval"
@@ -206,6 +214,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "sweep_interval": float,
     "retention": float,
     "listen": _parse_bool,
+    "sweep": _parse_bool,
+    "fleet_metrics_interval": float,
 }
 
 

@@ -17,12 +17,16 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import psycopg
 
 from . import db, table
+from ._context import (
+    instrumentation_suppressed,
+    suppress_instrumentation_in_this_thread,
+)
 from ._version import __version__
 from .config import Settings
 from .errors import DuplicateInstance, PgflowObserveError, TableMissing
@@ -54,6 +58,8 @@ class HeartbeatStats:
     """Failed attempts, all reasons."""
     last_failure: str | None
     """Class name of the last failure's exception."""
+    failures_by_type: Mapping[str, int]
+    """Failed attempts per exception class name."""
     last_success: float | None
     """`time.monotonic()` of the last success, None before the first."""
     clock_skew: float | None
@@ -147,6 +153,7 @@ class Heartbeat:
         self._beats = 0
         self._failures = 0
         self._last_failure: str | None = None
+        self._failures_by_type: dict[str, int] = {}
         self._last_success: float | None = None
         self._clock_skew: float | None = None
         self._skew_logged = False
@@ -161,11 +168,12 @@ class Heartbeat:
         :raise TableMissing: the table does not exist.
         :raise psycopg.Error: the database could not be reached or refused.
         """
-        conn = self._connection()
         try:
-            if create_table:
-                table.apply_schema(conn, self.settings)
-            self._register(conn)
+            with instrumentation_suppressed():
+                conn = self._connection()
+                if create_table:
+                    table.apply_schema(conn, self.settings)
+                self._register(conn)
         except PgflowObserveError:
             self._drop_connection()
             raise
@@ -208,6 +216,7 @@ class Heartbeat:
                 beats=self._beats,
                 failures=self._failures,
                 last_failure=self._last_failure,
+                failures_by_type=dict(self._failures_by_type),
                 last_success=self._last_success,
                 clock_skew=self._clock_skew,
                 outage_since=self._outage.since,
@@ -217,6 +226,7 @@ class Heartbeat:
     # -- the thread ----------------------------------------------------------------
 
     def _run(self) -> None:
+        suppress_instrumentation_in_this_thread()
         interval = self.settings.heartbeat_interval
         backoff_cap = min(60.0, max(interval, 4 * interval))
         failures_in_row = 0
@@ -272,7 +282,8 @@ class Heartbeat:
     def _note_failure(self, exc: BaseException) -> None:
         with self._lock:
             self._failures += 1
-            self._last_failure = type(exc).__name__
+            name = self._last_failure = type(exc).__name__
+            self._failures_by_type[name] = self._failures_by_type.get(name, 0) + 1
 
     def _note_success(self, skew: float | None) -> None:
         with self._lock:

@@ -13,18 +13,23 @@ import dataclasses
 import logging
 import secrets
 import threading
+import time
 from types import TracebackType
 from typing import Any
 
 import psycopg
 from blinker import ANY
+from opentelemetry.metrics import MeterProvider
+from opentelemetry.trace import TracerProvider
 
 from . import signals, table
 from .config import Settings
+from .control import Control
 from .errors import DatabaseUnavailable, DuplicateInstance, PgflowObserveError
-from .fleet import Fleet
+from .fleet import Fleet, FleetSnapshot
 from .heartbeat import Heartbeat, HeartbeatStats
 from .load import LoadSnapshot, LoadTracker
+from .metrics import RegistryMetrics
 from .table import Instance
 
 __all__ = ["Registry", "RegistryStats"]
@@ -62,6 +67,10 @@ class Registry:
     :param settings: defaults to `Settings.from_env()`.
     :param executor: count only the signals of this sender; by default all.
     :param tracker: an existing `LoadTracker` to use instead of a new one.
+    :param metrics: report OpenTelemetry metrics (see `RegistryMetrics`).
+    :param meter_provider: where the metrics go; the global one by default.
+    :param tracing: one span per task, from start to stop or exception.
+    :param tracer_provider: where the spans go; the global one by default.
     """
 
     def __init__(
@@ -70,6 +79,10 @@ class Registry:
         *,
         executor: Any = ANY,
         tracker: LoadTracker | None = None,
+        metrics: bool = True,
+        meter_provider: MeterProvider | None = None,
+        tracing: bool = False,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.settings = Settings.from_env() if settings is None else settings
         self.tracker = LoadTracker(executor) if tracker is None else tracker
@@ -80,9 +93,21 @@ class Registry:
         self._closed = False
         self._claim: tuple[str, str, str, str] | None = None
         self._heartbeat: Heartbeat | None = None
+        self._control: Control | None = None
+        self._leader = False
         self._paused = False
         self._accepting = threading.Event()
         self._accepting.set()
+        self._fleet_snapshot: FleetSnapshot | None = None
+        self._metrics: RegistryMetrics | None = None
+        if metrics or tracing:
+            self._metrics = RegistryMetrics(
+                self,
+                metrics=metrics,
+                meter_provider=meter_provider,
+                tracing=tracing,
+                tracer_provider=tracer_provider,
+            )
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -108,6 +133,8 @@ class Registry:
                 return self
             self._started = True
         self.tracker.connect()
+        if self._metrics is not None:
+            self._metrics.start()
         if self.settings.metrics_only:
             logger.info(
                 "instance %r runs metrics-only (no database configured)",
@@ -133,6 +160,15 @@ class Registry:
             raise
         self._heartbeat = heartbeat
         heartbeat.start()
+        if self.settings.listen or self.settings.sweep:
+            self._control = Control(
+                self.settings,
+                token=self._token,
+                on_intent=self._on_intent,
+                on_leader=self._on_leader,
+                on_snapshot=self._on_snapshot,
+            )
+            self._control.start()
         atexit.register(self.close)
         return self
 
@@ -147,13 +183,24 @@ class Registry:
                 return
             self._closed = True
         atexit.unregister(self.close)
+        deadline = time.monotonic() + timeout
+        control = self._control
+        if control is not None and not control.stop(timeout):
+            logger.warning(
+                "instance %r: control thread did not stop within %.1f s",
+                self.settings.instance_id,
+                timeout,
+            )
         heartbeat = self._heartbeat
-        if heartbeat is not None and not heartbeat.stop(timeout):
+        remaining = max(0.1, deadline - time.monotonic())
+        if heartbeat is not None and not heartbeat.stop(remaining):
             logger.warning(
                 "instance %r: heartbeat thread did not stop within %.1f s",
                 self.settings.instance_id,
                 timeout,
             )
+        if self._metrics is not None:
+            self._metrics.close()
         self.tracker.disconnect()
         self._release_id()
 
@@ -191,6 +238,8 @@ class Registry:
                 self._claim = None
 
     def _abort_start(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
         self.tracker.disconnect()
         self._release_id()
         with self._lock:
@@ -229,8 +278,27 @@ class Registry:
             load=self.tracker.snapshot(),
             heartbeat=None if heartbeat is None else heartbeat.stats(),
             paused=self._paused,
-            leader=False,
+            leader=self._leader,
         )
+
+    def fleet_snapshot(self) -> FleetSnapshot | None:
+        """Fleet-wide figures if this instance is the elected one, else None.
+
+        Refreshed in the background by the control thread; reading it does
+        no I/O.
+        """
+        return self._fleet_snapshot
+
+    @property
+    def leader(self) -> bool:
+        """True while this instance is the fleet's elected sweeper."""
+        return self._leader
+
+    def _on_leader(self, leader: bool) -> None:
+        self._leader = leader
+
+    def _on_snapshot(self, snapshot: FleetSnapshot | None) -> None:
+        self._fleet_snapshot = snapshot
 
     def mark_offline(self) -> None:
         """Alias of `close()`, under the original registry's name."""

@@ -322,3 +322,75 @@ def lock_and_read_holder(
     if row is None:
         return None
     return Holder(hostname=row[0], pid=row[1], token=row[2], alive=bool(row[3]))
+
+
+# -- statements of the fleet's operators and sweeper ---------------------------
+
+_STALE = sql.SQL(
+    "status is distinct from 'offline' and (last_heartbeat is null"
+    " or last_heartbeat < now() - make_interval(secs => %(stale)s))"
+)
+
+_OLD_OFFLINE = sql.SQL(
+    "status = 'offline' and pause_requested_at is null"
+    " and coalesce(last_heartbeat, created_at, '-infinity')"
+    " < now() - make_interval(secs => %(retention)s)"
+)
+
+
+def count_instances_statement(settings: Settings) -> sql.Composed:
+    """Instances per (status, liveness); parameter ``stale``."""
+    return sql.SQL(
+        "select coalesce(status, 'unknown'), {liveness}, count(*)"
+        " from {table} group by 1, 2"
+    ).format(liveness=_LIVENESS, table=qualified_name(settings))
+
+
+def stale_instances_statement(settings: Settings, *, dry_run: bool) -> sql.Composed:
+    """Mark stale instances offline (or only list them); returns their ids."""
+    if dry_run:
+        query = "select instance_id from {table} where {stale} order by 1"
+    else:
+        query = (
+            "update {table} set status = 'offline', load = 0 where {stale}"
+            " returning instance_id"
+        )
+    return sql.SQL(query).format(table=qualified_name(settings), stale=_STALE)
+
+
+def old_offline_statement(settings: Settings, *, dry_run: bool) -> sql.Composed:
+    """Delete (or list) offline rows past retention, sparing paused ones."""
+    if dry_run:
+        query = "select instance_id from {table} where {old} order by 1"
+    else:
+        query = "delete from {table} where {old} returning instance_id"
+    return sql.SQL(query).format(table=qualified_name(settings), old=_OLD_OFFLINE)
+
+
+def set_pause_statement(settings: Settings) -> sql.Composed:
+    """Set or clear the operator's pause intent and notify the instance.
+
+    The notification is sent on commit, with the new intent as JSON.
+    """
+    return sql.SQL(
+        "with changed as (update {table} set pause_requested_at ="
+        " case when %(paused)s then now() else null end"
+        " where instance_id = %(id)s returning instance_id)"
+        " select pg_notify(%(channel)s, json_build_object("
+        "'instance_id', instance_id, 'paused', %(paused)s)::text) from changed"
+    ).format(table=qualified_name(settings))
+
+
+def delete_instance_statement(settings: Settings) -> sql.Composed:
+    """Delete one row by id."""
+    return sql.SQL("delete from {table} where instance_id = %(id)s").format(
+        table=qualified_name(settings)
+    )
+
+
+def intent_statement(settings: Settings) -> sql.Composed:
+    """Read this process's row: the operator's pause intent and its status."""
+    return sql.SQL(
+        "select pause_requested_at is not null, status from {table}"
+        " where instance_id = %(id)s and process_token = %(token)s"
+    ).format(table=qualified_name(settings))

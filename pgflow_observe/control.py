@@ -134,7 +134,8 @@ class Control:
                     {"id": self.settings.instance_id, "token": self._token},
                 ).fetchone()
                 if row is not None:
-                    self._on_intent(bool(row[0]), row[1], conn)
+                    paused, status = row
+                    self._on_intent(bool(paused), str(status), conn)
         except BaseException:
             conn.close()
             raise

@@ -130,6 +130,11 @@ class LoadTracker:
     # -- reading ----------------------------------------------------------------
 
     @property
+    def sender(self) -> Any:
+        """The sender whose signals are counted; `blinker.ANY` for every one."""
+        return self._sender
+
+    @property
     def load(self) -> int:
         """Tasks executing now."""
         return self._load

@@ -1,19 +1,461 @@
-"""OpenTelemetry metrics and optional task spans (being written)."""
+"""OpenTelemetry metrics, and optional task spans, for one registry.
+
+`Registry` creates a `RegistryMetrics` and drives it; an application only
+passes ``meter_provider`` / ``tracer_provider`` to the registry, or leaves
+them out to use the global providers. This module uses the OpenTelemetry API
+alone and never sets a global provider: the application picks the SDK, the
+exporters and the views (`pgflow_observe.otel` has a ready-made setup).
+
+The instruments, on the meter ``pgflow_observe`` (units in UCUM):
+
+``pgflow.tasks.executing``
+    observable up-down counter, ``{task}``, by ``pgflow.queue``.
+``pgflow.tasks.started``
+    observable counter, ``{task}``, by ``pgflow.queue``.
+``pgflow.task.duration``
+    histogram, ``s``, by ``pgflow.queue`` and, on failures only, ``error.type``.
+``pgflow.instance.heartbeats``
+    observable counter, ``{heartbeat}``; failed beats carry ``error.type``.
+``pgflow.instance.heartbeat.age``, ``pgflow.instance.clock.skew``
+    observable gauges, ``s``.
+``pgflow.instances``
+    observable up-down counter, ``{instance}``, by ``pgflow.instance.status``
+    and ``pgflow.instance.liveness``.
+``pgflow.queue.messages``, ``pgflow.queue.visible_messages``
+    observable up-down counters, ``{message}``, by ``pgflow.queue``.
+``pgflow.queue.oldest_message.age``
+    observable gauge, ``s``, by ``pgflow.queue``.
+
+The heartbeat instruments observe nothing in metrics-only mode. The last four
+are fleet-wide: only the instance the fleet elected to read them observes
+them, so the fleet reports each figure once.
+
+The instance's identity (``service.instance.id``) belongs on the resource,
+never on a data point; task ids never appear on metrics either.
+
+The executor's thread makes no OpenTelemetry call per task. Its receivers
+(in `LoadTracker`) count in memory; the executing and started instruments are
+observed from a tracker snapshot at each collection, and task durations are
+buffered by the tracker and recorded into the histogram by a background
+thread about once a second, at each collection, and once more at close.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+from opentelemetry.metrics import (
+    CallbackOptions,
+    Histogram,
+    MeterProvider,
+    Observation,
+    get_meter,
+)
+from opentelemetry.trace import TracerProvider, get_tracer
+
+from ._version import __version__
+from .tracing import TaskSpans
 
 if TYPE_CHECKING:
     from .registry import Registry
 
+__all__ = [
+    "DURATION_BUCKETS",
+    "METER_NAME",
+    "SCHEMA_URL",
+    "RegistryMetrics",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Name of the meter and of the tracer.
+METER_NAME = "pgflow_observe"
+#: Semantic conventions version the attribute names follow.
+SCHEMA_URL = "https://opentelemetry.io/schemas/1.27.0"
+#: Histogram bucket boundaries for task durations, seconds: 5 ms to an hour.
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1800.0,
+    3600.0,
+)
+#: Seconds between two drains of the finished-task buffer.
+DRAIN_INTERVAL = 1.0
+#: Finished tasks the tracker buffers between two drains; more are dropped.
+FINISHED_BUFFER = 100_000
+#: Seconds between reminders that finished tasks are still being dropped.
+DROPPED_LOG_INTERVAL = 60.0
+
+QUEUE = "pgflow.queue"
+ERROR_TYPE = "error.type"
+INSTANCE_STATUS = "pgflow.instance.status"
+INSTANCE_LIVENESS = "pgflow.instance.liveness"
+
+_Callback = Callable[[CallbackOptions], Iterable[Observation]]
+
 
 class RegistryMetrics:
-    def __init__(self, registry: Registry, **options: Any) -> None:
+    """Report a registry's load, durations, heartbeat and fleet figures.
+
+    Created by `Registry`, which calls `start()` when it starts and `close()`
+    when it closes; an application does not normally touch it.
+
+    NOTE: the OpenTelemetry API cannot unregister an instrument, so after
+    `close()` the instruments stay on the meter provider and observe nothing.
+    A second registry on the same provider creates its instruments again,
+    which the SDK reports with a warning in its log.
+
+    :param registry: the registry to report on.
+    :param metrics: create the instruments and the drain thread.
+    :param meter_provider: where the metrics go; the global one by default.
+    :param tracing: one span per task (see `pgflow_observe.tracing`). Off by
+        default: unlike the metrics, it calls the tracing SDK on the
+        executor's thread for every task.
+    :param tracer_provider: where the spans go; the global one by default.
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        metrics: bool = True,
+        meter_provider: MeterProvider | None = None,
+        tracing: bool = False,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
         self.registry = registry
+        self._metrics = metrics
+        self._meter_provider = meter_provider
+        self._tracing = tracing
+        self._tracer_provider = tracer_provider
+        self._lock = threading.Lock()
+        self._started = False
+        self._closed = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._duration: Histogram | None = None
+        self._attributes: dict[tuple[str, str | None], dict[str, str]] = {}
+        self._dropped = _DroppedLog(registry.settings.instance_id)
+        self._spans: TaskSpans | None = None
+
+    # -- lifecycle ---------------------------------------------------------------
 
     def start(self) -> None:
-        pass
+        """Create the instruments, start the drain thread, connect the spans.
 
-    def close(self) -> None:
-        pass
+        Idempotent; does nothing once closed.
+        """
+        with self._lock:
+            if self._started or self._closed:
+                return
+            self._started = True
+        if self._metrics:
+            self._create_instruments()
+            self.registry.tracker.keep_finished(FINISHED_BUFFER)
+            self._thread = threading.Thread(
+                target=self._run,
+                name=f"pgflow-observe-metrics {self.registry.instance_id()}"[:100],
+                daemon=True,
+            )
+            self._thread.start()
+        if self._tracing:
+            tracer = get_tracer(
+                METER_NAME,
+                __version__,
+                self._tracer_provider,
+                schema_url=SCHEMA_URL,
+            )
+            self._spans = TaskSpans(tracer, self.registry.tracker.sender)
+            self._spans.connect()
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Disconnect the span receivers, stop the thread, record what is left.
+
+        After this the observable instruments observe nothing. Idempotent and
+        safe from any thread.
+
+        :param timeout: seconds to wait for the drain thread to stop.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            started = self._started
+        if self._spans is not None:
+            self._spans.disconnect()
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+            if thread.is_alive():
+                logger.warning(
+                    "instance %r: metrics thread did not stop within %.1f s",
+                    self.registry.instance_id(),
+                    timeout,
+                )
+        if started and self._metrics:
+            self.record_finished()
+            self.registry.tracker.keep_finished(0)
+
+    # -- durations ---------------------------------------------------------------
+
+    def record_finished(self) -> int:
+        """Record the tracker's buffered task durations into the histogram now.
+
+        Called by the drain thread, at each collection and at close; safe from
+        any thread. Returns how many durations were recorded.
+        """
+        histogram = self._duration
+        if histogram is None:
+            return 0
+        finished, dropped = self.registry.tracker.drain_finished()
+        self._dropped.note(dropped)
+        attributes = self._attributes
+        for task in finished:
+            key = (task.queue, task.error_type)
+            found = attributes.get(key)
+            if found is None:
+                found = {QUEUE: task.queue}
+                if task.error_type is not None:
+                    found[ERROR_TYPE] = task.error_type
+                attributes[key] = found
+            histogram.record(task.duration, found)
+        return len(finished)
+
+    def _run(self) -> None:
+        while not self._stop.wait(DRAIN_INTERVAL):
+            try:
+                self.record_finished()
+            except Exception:
+                logger.exception(
+                    "instance %r: recording task durations failed; retrying",
+                    self.registry.instance_id(),
+                )
+
+    # -- instruments ---------------------------------------------------------------
+
+    def _create_instruments(self) -> None:
+        meter = get_meter(
+            METER_NAME,
+            __version__,
+            self._meter_provider,
+            schema_url=SCHEMA_URL,
+        )
+        meter.create_observable_up_down_counter(
+            "pgflow.tasks.executing",
+            [self._guarded("pgflow.tasks.executing", self._observe_executing)],
+            unit="{task}",
+            description="Tasks this instance is executing now.",
+        )
+        meter.create_observable_counter(
+            "pgflow.tasks.started",
+            [self._guarded("pgflow.tasks.started", self._observe_started)],
+            unit="{task}",
+            description="Tasks this instance started.",
+        )
+        self._duration = meter.create_histogram(
+            "pgflow.task.duration",
+            unit="s",
+            description="Time from a task's start to its stop or exception.",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        )
+        meter.create_observable_counter(
+            "pgflow.instance.heartbeats",
+            [self._guarded("pgflow.instance.heartbeats", self._observe_heartbeats)],
+            unit="{heartbeat}",
+            description="Heartbeats of this instance, failed ones with error.type.",
+        )
+        meter.create_observable_gauge(
+            "pgflow.instance.heartbeat.age",
+            [
+                self._guarded(
+                    "pgflow.instance.heartbeat.age", self._observe_heartbeat_age
+                )
+            ],
+            unit="s",
+            description="Time since this instance's last successful heartbeat.",
+        )
+        meter.create_observable_gauge(
+            "pgflow.instance.clock.skew",
+            [self._guarded("pgflow.instance.clock.skew", self._observe_clock_skew)],
+            unit="s",
+            description="This host's clock minus the database's, at the last beat.",
+        )
+        meter.create_observable_up_down_counter(
+            "pgflow.instances",
+            [self._guarded("pgflow.instances", self._observe_instances)],
+            unit="{instance}",
+            description="Instances in the table, by status and liveness.",
+        )
+        meter.create_observable_up_down_counter(
+            "pgflow.queue.messages",
+            [self._guarded("pgflow.queue.messages", self._observe_queue_messages)],
+            unit="{message}",
+            description="Messages in each pgmq queue, visible or not.",
+        )
+        meter.create_observable_up_down_counter(
+            "pgflow.queue.visible_messages",
+            [
+                self._guarded(
+                    "pgflow.queue.visible_messages", self._observe_visible_messages
+                )
+            ],
+            unit="{message}",
+            description="Messages a reader could take now from each pgmq queue.",
+        )
+        meter.create_observable_gauge(
+            "pgflow.queue.oldest_message.age",
+            [
+                self._guarded(
+                    "pgflow.queue.oldest_message.age", self._observe_oldest_age
+                )
+            ],
+            unit="s",
+            description="Age of the oldest message in each pgmq queue; 0 if empty.",
+        )
+
+    def _guarded(
+        self, name: str, observe: Callable[[], Iterable[Observation]]
+    ) -> _Callback:
+        # Callbacks run inside the application's metric collection: they must
+        # not raise, and they observe nothing once the registry is closed.
+        def callback(options: CallbackOptions) -> Iterable[Observation]:
+            if self._closed:
+                return ()
+            try:
+                return list(observe())
+            except Exception:
+                logger.debug("callback of %s failed", name, exc_info=True)
+                return ()
+
+        return callback
+
+    def _queue_attributes(self, queue: str) -> dict[str, str]:
+        key = (queue, None)
+        found = self._attributes.get(key)
+        if found is None:
+            found = self._attributes[key] = {QUEUE: queue}
+        return found
+
+    def _observe_executing(self) -> Iterable[Observation]:
+        # Record the buffered durations first: every callback runs before the
+        # SDK reads the histogram, so each export carries every task that
+        # finished before it, consistent with the started count.
+        self.record_finished()
+        snapshot = self.registry.tracker.snapshot()
+        for queue, count in snapshot.by_queue.items():
+            yield Observation(count, self._queue_attributes(queue))
+
+    def _observe_started(self) -> Iterable[Observation]:
+        snapshot = self.registry.tracker.snapshot()
+        for queue, count in snapshot.started_by_queue.items():
+            yield Observation(count, self._queue_attributes(queue))
+
+    def _observe_heartbeats(self) -> Iterable[Observation]:
+        heartbeat = self.registry.stats().heartbeat
+        if heartbeat is None:
+            return
+        yield Observation(heartbeat.beats)
+        for error_type, count in heartbeat.failures_by_type.items():
+            yield Observation(count, {ERROR_TYPE: error_type})
+
+    def _observe_heartbeat_age(self) -> Iterable[Observation]:
+        heartbeat = self.registry.stats().heartbeat
+        if heartbeat is None or heartbeat.last_success is None:
+            return
+        yield Observation(max(0.0, time.monotonic() - heartbeat.last_success))
+
+    def _observe_clock_skew(self) -> Iterable[Observation]:
+        heartbeat = self.registry.stats().heartbeat
+        if heartbeat is None or heartbeat.clock_skew is None:
+            return
+        yield Observation(heartbeat.clock_skew)
+
+    def _observe_instances(self) -> Iterable[Observation]:
+        fleet = self.registry.fleet_snapshot()
+        if fleet is None:
+            return
+        for (status, liveness), count in fleet.instances.items():
+            yield Observation(
+                count, {INSTANCE_STATUS: status, INSTANCE_LIVENESS: liveness}
+            )
+
+    def _observe_queue_messages(self) -> Iterable[Observation]:
+        fleet = self.registry.fleet_snapshot()
+        if fleet is None:
+            return
+        for depth in fleet.queues:
+            yield Observation(depth.messages, self._queue_attributes(depth.queue))
+
+    def _observe_visible_messages(self) -> Iterable[Observation]:
+        fleet = self.registry.fleet_snapshot()
+        if fleet is None:
+            return
+        for depth in fleet.queues:
+            if depth.visible is not None:
+                yield Observation(depth.visible, self._queue_attributes(depth.queue))
+
+    def _observe_oldest_age(self) -> Iterable[Observation]:
+        fleet = self.registry.fleet_snapshot()
+        if fleet is None:
+            return
+        for depth in fleet.queues:
+            age = 0.0 if depth.oldest_age is None else depth.oldest_age
+            yield Observation(age, self._queue_attributes(depth.queue))
+
+
+class _DroppedLog:
+    """Log dropped durations when dropping starts, at intervals, and when it ends."""
+
+    def __init__(self, instance_id: str) -> None:
+        self.instance_id = instance_id
+        self._lock = threading.Lock()
+        self._since: float | None = None
+        self._count = 0
+        self._last_logged = 0.0
+
+    def note(self, dropped: int) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if dropped and self._since is None:
+                self._since = self._last_logged = now
+                self._count = dropped
+                message = "starts"
+            elif dropped:
+                self._count += dropped
+                if now - self._last_logged < DROPPED_LOG_INTERVAL:
+                    return
+                self._last_logged = now
+                message = "goes on"
+            elif self._since is not None:
+                self._since = None
+                message = "ended"
+            else:
+                return
+            count = self._count
+        logger.warning(
+            "instance %r: dropping of task durations %s (%d dropped so far):"
+            " more than %d tasks finished between two drains",
+            self.instance_id,
+            message,
+            count,
+            FINISHED_BUFFER,
+        )

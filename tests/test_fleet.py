@@ -10,7 +10,6 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg import sql
-from worker_process import WorkerProcess
 
 from pgflow_observe import (
     DuplicateInstance,
@@ -20,6 +19,8 @@ from pgflow_observe import (
     Registry,
     Settings,
 )
+
+from worker_process import WorkerProcess
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 5.0) -> Any:

@@ -21,6 +21,7 @@ from pgflow_observe import (
     instance_resumed,
     running_task,
 )
+
 from worker_process import WorkerProcess
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import select
 import socket
 import threading
@@ -35,8 +36,10 @@ __all__ = ["Control"]
 
 logger = logging.getLogger(__name__)
 
-#: Seconds between attempts to reconnect the control connection.
-RECONNECT_DELAY = 1.0
+#: First delay before reconnecting the control connection, in seconds; it
+#: doubles up to `RECONNECT_DELAY_MAX` or the heartbeat interval if longer.
+RECONNECT_DELAY = 0.5
+RECONNECT_DELAY_MAX = 5.0
 
 IntentCallback = Callable[[bool, "str | None", "psycopg.Connection[Any]"], None]
 
@@ -111,14 +114,20 @@ class Control:
 
     def _run(self) -> None:
         suppress_instrumentation_in_this_thread()
+        failures = 0
         while not self._stop.is_set():
             try:
                 conn = self._connection()
                 self._tick(conn)
                 self._wait(conn)
+                failures = 0
             except Exception as exc:
                 self._lost(exc)
-                self._stop.wait(RECONNECT_DELAY)
+                # Back off with jitter, so a fleet does not reconnect in step.
+                cap = max(RECONNECT_DELAY_MAX, self.settings.heartbeat_interval)
+                delay = min(cap, RECONNECT_DELAY * 2**failures)
+                failures += 1
+                self._stop.wait(delay * random.uniform(0.5, 1.0))
         self._lost(None)
 
     def _connection(self) -> psycopg.Connection[Any]:

@@ -132,9 +132,9 @@ def test_pause_without_notifications_arrives_with_the_heartbeat(
         resume_latency = resumed_log.wait(timeout=2.0) - requested
 
     assert paused_log.events[-1][0].startswith("pgflow-observe-heartbeat")
-    # Within one heartbeat interval, plus the time of one round trip.
-    assert latency < 0.5 + 0.25
-    assert resume_latency < 0.5 + 0.25
+    # Within one heartbeat interval, plus a margin for a loaded machine.
+    assert latency < 0.5 + 0.4
+    assert resume_latency < 0.5 + 0.4
 
 
 def test_wait_until_resumed_blocks_while_paused(

@@ -158,8 +158,9 @@ def test_registering_again_keeps_created_at(
 
 
 def test_heartbeat_is_a_hot_update(
-    fleet: Fleet, settings: Settings, pg: psycopg.Connection[Any]
+    fleet: Fleet, make_settings: Callable[..., Settings], pg: psycopg.Connection[Any]
 ) -> None:
+    settings = make_settings(heartbeat_interval=0.02, listen=False, sweep=False)
     stats = sql.SQL(
         "select n_tup_upd, n_tup_hot_upd from pg_stat_user_tables"
         " where schemaname = %s and relname = %s"

@@ -1,8 +1,8 @@
 """The load count: how many tasks this process is executing right now.
 
 `LoadTracker` subscribes to the task signals and keeps exact counts in
-memory. Its receivers run on the executor's thread, so they only take a lock,
-update a few dictionaries and return: no I/O, no OpenTelemetry calls, and no
+memory. Its receivers run on the executor's thread, so they only append an
+event to a log and return: no I/O, no OpenTelemetry calls, no lock, and no
 exception ever reaches the sender.
 """
 
@@ -25,6 +25,9 @@ __all__ = ["FinishedTask", "LoadSnapshot", "LoadTracker"]
 logger = logging.getLogger(__name__)
 
 _TaskKey = tuple[str, int | str]
+_monotonic = time.monotonic
+# kind, queue, task_id, monotonic time, error type (exceptions only)
+_Event = tuple[int, Any, Any, float, str | None]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -65,6 +68,10 @@ def _error_type(exception: object) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+# Event kinds in the tracker's log.
+_START, _STOP, _EXCEPTION = 0, 1, 2
+
+
 class LoadTracker:
     """Count the tasks an executor runs, exactly, from its signals.
 
@@ -74,28 +81,41 @@ class LoadTracker:
     twice. A stop without a start is counted in ``unmatched`` and never takes
     the load below zero.
 
+    The receivers run on the executor's thread for every task, so they do
+    the least work possible: each appends one event to a log and returns.
+    Readers (`load`, `snapshot()`, `drain_finished()`) fold the log into the
+    counts under a lock first, so what they see is exact and consistent; the
+    receivers fold it themselves once it holds `FOLD_AT` events, which bounds
+    its memory when nobody reads.
+
     :param sender: count only tasks from this sender (executor); by default
         every sender in the process.
     :param keep_finished: how many finished tasks to buffer for
         `drain_finished()`; 0 keeps none. Set by the metrics side.
     """
 
+    #: Events the log may hold before a receiver folds it.
+    FOLD_AT = 16384
+
     def __init__(self, sender: Any = ANY, *, keep_finished: int = 0) -> None:
         self._sender = sender
         self._lock = threading.Lock()
-        self._running: dict[_TaskKey, list[float]] = {}
+        # Appended by the receivers without the lock (deque appends are
+        # atomic); consumed only under the lock.
+        self._events: collections.deque[_Event] = collections.deque()
+        # Start time per running task; a list when the same task runs twice.
+        self._running: dict[_TaskKey, float | list[float]] = {}
         self._by_queue: dict[str, int] = {}
         self._started_by_queue: dict[str, int] = {}
-        self._load = 0
-        self._started = 0
         self._completed = 0
         self._failed = 0
         self._unmatched = 0
         self._invalid = 0
-        self._finished: collections.deque[FinishedTask] = collections.deque()
-        self._keep_finished = keep_finished
+        # (queue, duration, error type), turned into FinishedTask when drained.
+        self._finished: collections.deque[tuple[str, float, str | None]] | None = None
         self._dropped_finished = 0
         self._connected = False
+        self.keep_finished(keep_finished)
 
     # -- wiring ---------------------------------------------------------------
 
@@ -121,11 +141,17 @@ class LoadTracker:
         signals.task_exception.disconnect(self._on_exception, self._sender)
 
     def keep_finished(self, limit: int) -> None:
-        """Buffer up to *limit* finished tasks for `drain_finished()` (0: none)."""
+        """Buffer up to *limit* finished tasks for `drain_finished()` (0: none).
+
+        When the buffer is full the oldest entry is dropped and counted.
+        """
         with self._lock:
-            self._keep_finished = max(0, limit)
-            while len(self._finished) > self._keep_finished:
-                self._finished.popleft()
+            self._fold()
+            if limit <= 0:
+                self._finished = None
+                return
+            kept = self._finished or ()
+            self._finished = collections.deque(kept, maxlen=limit)
 
     # -- reading ----------------------------------------------------------------
 
@@ -137,21 +163,28 @@ class LoadTracker:
     @property
     def load(self) -> int:
         """Tasks executing now."""
-        return self._load
+        with self._lock:
+            self._fold()
+            return sum(self._by_queue.values())
 
     def snapshot(self) -> LoadSnapshot:
         """Return all counts as one consistent snapshot."""
         with self._lock:
-            return LoadSnapshot(
-                load=self._load,
-                by_queue=dict(self._by_queue),
-                started=self._started,
-                completed=self._completed,
-                failed=self._failed,
-                started_by_queue=dict(self._started_by_queue),
-                unmatched=self._unmatched,
-                invalid=self._invalid,
-            )
+            self._fold()
+            by_queue = dict(self._by_queue)
+            started_by_queue = dict(self._started_by_queue)
+            completed, failed = self._completed, self._failed
+            unmatched, invalid = self._unmatched, self._invalid
+        return LoadSnapshot(
+            load=sum(by_queue.values()),
+            by_queue=by_queue,
+            started=sum(started_by_queue.values()),
+            completed=completed,
+            failed=failed,
+            started_by_queue=started_by_queue,
+            unmatched=unmatched,
+            invalid=invalid,
+        )
 
     def drain_finished(self) -> tuple[list[FinishedTask], int]:
         """Take the buffered finished tasks, and how many were dropped since.
@@ -160,95 +193,132 @@ class LoadTracker:
         faster than the executor fills it.
         """
         with self._lock:
-            finished = list(self._finished)
-            self._finished.clear()
+            self._fold()
+            if self._finished is None:
+                buffered: list[tuple[str, float, str | None]] = []
+            else:
+                buffered = list(self._finished)
+                self._finished.clear()
             dropped, self._dropped_finished = self._dropped_finished, 0
-        return finished, dropped
+        return [FinishedTask(*item) for item in buffered], dropped
 
     # -- receivers: executor's thread, memory only, never raise ---------------
 
-    def _on_start(self, sender: Any, **payload: Any) -> None:
+    def _on_start(
+        self, sender: Any, task_id: Any = None, queue: Any = None, **extra: Any
+    ) -> None:
         try:
-            key = self._key(payload)
-            if key is None:
-                return
-            now = time.monotonic()
-            queue = key[0]
-            with self._lock:
-                starts = self._running.get(key)
-                if starts is None:
-                    self._running[key] = [now]
-                else:
-                    starts.append(now)
-                self._by_queue[queue] = self._by_queue.get(queue, 0) + 1
-                self._started_by_queue[queue] = self._started_by_queue.get(queue, 0) + 1
-                self._load += 1
-                self._started += 1
-        except Exception:  # pragma: no cover - defensive: never raise into the sender
+            events = self._events
+            events.append((_START, queue, task_id, _monotonic(), None))
+            if len(events) >= self.FOLD_AT:
+                self._fold_from_receiver()
+        except Exception:
             logger.exception("task start receiver failed")
 
-    def _on_stop(self, sender: Any, **payload: Any) -> None:
+    def _on_stop(
+        self, sender: Any, task_id: Any = None, queue: Any = None, **extra: Any
+    ) -> None:
         try:
-            self._finish(payload, None)
-        except Exception:  # pragma: no cover
+            events = self._events
+            events.append((_STOP, queue, task_id, _monotonic(), None))
+            if len(events) >= self.FOLD_AT:
+                self._fold_from_receiver()
+        except Exception:
             logger.exception("task stop receiver failed")
 
-    def _on_exception(self, sender: Any, **payload: Any) -> None:
+    def _on_exception(
+        self,
+        sender: Any,
+        task_id: Any = None,
+        queue: Any = None,
+        exception: Any = None,
+        **extra: Any,
+    ) -> None:
         try:
-            self._finish(payload, _error_type(payload.get("exception")))
-        except Exception:  # pragma: no cover
+            events = self._events
+            events.append(
+                (_EXCEPTION, queue, task_id, _monotonic(), _error_type(exception))
+            )
+            if len(events) >= self.FOLD_AT:
+                self._fold_from_receiver()
+        except Exception:
             logger.exception("task exception receiver failed")
 
-    def _finish(self, payload: Mapping[str, Any], error_type: str | None) -> None:
-        key = self._key(payload)
-        if key is None:
-            return
-        now = time.monotonic()
-        queue = key[0]
-        with self._lock:
-            starts = self._running.get(key)
-            if not starts:
-                self._unmatched += 1
-                first = self._unmatched == 1
-            else:
-                first = False
-                started_at = starts.pop(0)
-                if not starts:
-                    del self._running[key]
-                self._by_queue[queue] -= 1
-                self._load -= 1
-                if error_type is None:
-                    self._completed += 1
-                else:
-                    self._failed += 1
-                if self._keep_finished:
-                    if len(self._finished) >= self._keep_finished:
-                        self._finished.popleft()
-                        self._dropped_finished += 1
-                    self._finished.append(
-                        FinishedTask(queue, now - started_at, error_type)
-                    )
-        if first:
-            logger.warning(
-                "task end signal without a matching start (queue %r, task_id %r);"
-                " ignored, further ones are only counted",
-                key[0],
-                key[1],
-            )
+    def _fold_from_receiver(self) -> None:
+        try:
+            with self._lock:
+                self._fold()
+        except Exception:
+            logger.exception("folding the task events failed")
 
-    def _key(self, payload: Mapping[str, Any]) -> _TaskKey | None:
-        task_id = payload.get("task_id")
-        queue = payload.get("queue")
+    # -- folding: under the lock --------------------------------------------------
+
+    def _fold(self) -> None:
+        events = self._events
+        if not events:
+            return
+        take = events.popleft
+        running = self._running
+        by_queue = self._by_queue
+        started_by_queue = self._started_by_queue
+        finished = self._finished
+        while events:
+            kind, queue, task_id, at, error_type = take()
+            if type(queue) is not str or (
+                type(task_id) is not int and type(task_id) is not str
+            ):
+                if not self._valid(task_id, queue):
+                    continue
+            key = (queue, task_id)
+            if kind == _START:
+                previous = running.get(key)
+                if previous is None:
+                    running[key] = at
+                elif isinstance(previous, list):
+                    previous.append(at)
+                else:
+                    running[key] = [previous, at]
+                by_queue[queue] = by_queue.get(queue, 0) + 1
+                started_by_queue[queue] = started_by_queue.get(queue, 0) + 1
+                continue
+            entry = running.pop(key, None)
+            if entry is None:
+                self._unmatched += 1
+                if self._unmatched == 1:
+                    logger.warning(
+                        "task end signal without a matching start (queue %r,"
+                        " task_id %r); ignored, further ones are only counted",
+                        queue,
+                        task_id,
+                    )
+                continue
+            if isinstance(entry, list):
+                # The same task running twice: the earliest run ends.
+                started_at = entry[0]
+                rest = entry[1:]
+                running[key] = rest if len(rest) > 1 else rest[0]
+            else:
+                started_at = entry
+            by_queue[queue] -= 1
+            if kind == _STOP:
+                self._completed += 1
+            else:
+                self._failed += 1
+            if finished is not None:
+                if len(finished) == finished.maxlen:
+                    self._dropped_finished += 1
+                finished.append((queue, at - started_at, error_type))
+
+    def _valid(self, task_id: Any, queue: Any) -> bool:
+        # The slow path: subclasses of int and str are fine, bool is not.
         if (
-            isinstance(task_id, int | str)
+            isinstance(task_id, (int, str))
             and not isinstance(task_id, bool)
             and isinstance(queue, str)
         ):
-            return (queue, task_id)
-        with self._lock:
-            self._invalid += 1
-            first = self._invalid == 1
-        if first:
+            return True
+        self._invalid += 1
+        if self._invalid == 1:
             logger.warning(
                 "task signal with a malformed payload ignored (task_id %r, queue %r);"
                 " expected task_id as int or str and queue as str;"
@@ -256,4 +326,4 @@ class LoadTracker:
                 task_id,
                 queue,
             )
-        return None
+        return False

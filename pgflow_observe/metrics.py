@@ -38,6 +38,19 @@ The executor's thread makes no OpenTelemetry call per task. Its receivers
 observed from a tracker snapshot at each collection, and task durations are
 buffered by the tracker and recorded into the histogram by a background
 thread about once a second, at each collection, and once more at close.
+The thread keeps the buffer small between exports (60 s apart by default);
+the drain at collection makes every export carry each task finished before
+it, so the duration count and the started count agree in every export.
+
+NOTE: the drain at collection relies on the SDK running the observable
+callbacks before it reads the histogram, as the OpenTelemetry Python SDK
+does; with an SDK that reads in the other order, durations lag by one
+collection. When the buffer fills between two drains (past some 50,000
+tasks a second in one process, where recording cannot keep up) the oldest
+durations are dropped and a warning says how many; the counts stay exact.
+Registries started before the application sets its global meter provider
+get proxy meters: if two such registries run at once, only the first one's
+instruments reach the provider.
 """
 
 from __future__ import annotations
@@ -45,12 +58,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from opentelemetry.metrics import (
     CallbackOptions,
     Histogram,
+    Meter,
     MeterProvider,
     Observation,
     get_meter,
@@ -78,24 +93,9 @@ METER_NAME = "pgflow_observe"
 SCHEMA_URL = "https://opentelemetry.io/schemas/1.27.0"
 #: Histogram bucket boundaries for task durations, seconds: 5 ms to an hour.
 DURATION_BUCKETS: tuple[float, ...] = (
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-    120.0,
-    300.0,
-    600.0,
-    1800.0,
-    3600.0,
+    *(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5),
+    *(1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+    *(120.0, 300.0, 600.0, 1800.0, 3600.0),
 )
 #: Seconds between two drains of the finished-task buffer.
 DRAIN_INTERVAL = 1.0
@@ -110,6 +110,10 @@ INSTANCE_STATUS = "pgflow.instance.status"
 INSTANCE_LIVENESS = "pgflow.instance.liveness"
 
 _Callback = Callable[[CallbackOptions], Iterable[Observation]]
+_Observe = Callable[["RegistryMetrics"], Iterable[Observation]]
+_Attributes = dict[str, str]
+_TOTAL = "total"
+_LIVE = "live"
 
 
 class RegistryMetrics:
@@ -118,10 +122,16 @@ class RegistryMetrics:
     Created by `Registry`, which calls `start()` when it starts and `close()`
     when it closes; an application does not normally touch it.
 
-    NOTE: the OpenTelemetry API cannot unregister an instrument, so after
-    `close()` the instruments stay on the meter provider and observe nothing.
-    A second registry on the same provider creates its instruments again,
-    which the SDK reports with a warning in its log.
+    After `close()` the task counters and the heartbeat count go on reporting
+    their final totals (executing as 0), so an export made after the close,
+    such as the meter provider's own at shutdown, still carries them; the
+    heartbeat age, clock skew and fleet-wide figures stop at once. The next
+    registry started on the same meter provider retires those final values.
+
+    Registries of one process that report to the same meter provider share
+    its instruments; their counts are added up per attribute set. The
+    resource, and so ``service.instance.id``, belongs to the provider: give
+    each registry a provider of its own when they must stay apart.
 
     :param registry: the registry to report on.
     :param metrics: create the instruments and the drain thread.
@@ -151,15 +161,20 @@ class RegistryMetrics:
         self._closed = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._duration: Histogram | None = None
-        self._attributes: dict[tuple[str, str | None], dict[str, str]] = {}
+        self._instruments: _SharedInstruments | None = None
+        self._attributes: dict[tuple[str, str | None], _Attributes] = {}
         self._dropped = _DroppedLog(registry.settings.instance_id)
         self._spans: TaskSpans | None = None
+
+    @property
+    def closed(self) -> bool:
+        """True once `close()` was called."""
+        return self._closed
 
     # -- lifecycle ---------------------------------------------------------------
 
     def start(self) -> None:
-        """Create the instruments, start the drain thread, connect the spans.
+        """Attach to the instruments, start the drain thread, connect the spans.
 
         Idempotent; does nothing once closed.
         """
@@ -168,8 +183,12 @@ class RegistryMetrics:
                 return
             self._started = True
         if self._metrics:
-            self._create_instruments()
+            meter = get_meter(
+                METER_NAME, __version__, self._meter_provider, schema_url=SCHEMA_URL
+            )
+            self._instruments = _SharedInstruments.of(meter)
             self.registry.tracker.keep_finished(FINISHED_BUFFER)
+            self._instruments.attach(self)
             self._thread = threading.Thread(
                 target=self._run,
                 name=f"pgflow-observe-metrics {self.registry.instance_id()}"[:100],
@@ -178,10 +197,7 @@ class RegistryMetrics:
             self._thread.start()
         if self._tracing:
             tracer = get_tracer(
-                METER_NAME,
-                __version__,
-                self._tracer_provider,
-                schema_url=SCHEMA_URL,
+                METER_NAME, __version__, self._tracer_provider, schema_url=SCHEMA_URL
             )
             self._spans = TaskSpans(tracer, self.registry.tracker.sender)
             self._spans.connect()
@@ -189,8 +205,7 @@ class RegistryMetrics:
     def close(self, timeout: float = 2.0) -> None:
         """Disconnect the span receivers, stop the thread, record what is left.
 
-        After this the observable instruments observe nothing. Idempotent and
-        safe from any thread.
+        Idempotent and safe from any thread.
 
         :param timeout: seconds to wait for the drain thread to stop.
         """
@@ -198,7 +213,6 @@ class RegistryMetrics:
             if self._closed:
                 return
             self._closed = True
-            started = self._started
         if self._spans is not None:
             self._spans.disconnect()
         self._stop.set()
@@ -211,7 +225,7 @@ class RegistryMetrics:
                     self.registry.instance_id(),
                     timeout,
                 )
-        if started and self._metrics:
+        if self._instruments is not None:
             self.record_finished()
             self.registry.tracker.keep_finished(0)
 
@@ -223,11 +237,12 @@ class RegistryMetrics:
         Called by the drain thread, at each collection and at close; safe from
         any thread. Returns how many durations were recorded.
         """
-        histogram = self._duration
-        if histogram is None:
+        instruments = self._instruments
+        if instruments is None:
             return 0
         finished, dropped = self.registry.tracker.drain_finished()
         self._dropped.note(dropped)
+        histogram = instruments.duration
         attributes = self._attributes
         for task in finished:
             key = (task.queue, task.error_type)
@@ -250,105 +265,9 @@ class RegistryMetrics:
                     self.registry.instance_id(),
                 )
 
-    # -- instruments ---------------------------------------------------------------
+    # -- observations, read by the shared instruments' callbacks ----------------
 
-    def _create_instruments(self) -> None:
-        meter = get_meter(
-            METER_NAME,
-            __version__,
-            self._meter_provider,
-            schema_url=SCHEMA_URL,
-        )
-        meter.create_observable_up_down_counter(
-            "pgflow.tasks.executing",
-            [self._guarded("pgflow.tasks.executing", self._observe_executing)],
-            unit="{task}",
-            description="Tasks this instance is executing now.",
-        )
-        meter.create_observable_counter(
-            "pgflow.tasks.started",
-            [self._guarded("pgflow.tasks.started", self._observe_started)],
-            unit="{task}",
-            description="Tasks this instance started.",
-        )
-        self._duration = meter.create_histogram(
-            "pgflow.task.duration",
-            unit="s",
-            description="Time from a task's start to its stop or exception.",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-        )
-        meter.create_observable_counter(
-            "pgflow.instance.heartbeats",
-            [self._guarded("pgflow.instance.heartbeats", self._observe_heartbeats)],
-            unit="{heartbeat}",
-            description="Heartbeats of this instance, failed ones with error.type.",
-        )
-        meter.create_observable_gauge(
-            "pgflow.instance.heartbeat.age",
-            [
-                self._guarded(
-                    "pgflow.instance.heartbeat.age", self._observe_heartbeat_age
-                )
-            ],
-            unit="s",
-            description="Time since this instance's last successful heartbeat.",
-        )
-        meter.create_observable_gauge(
-            "pgflow.instance.clock.skew",
-            [self._guarded("pgflow.instance.clock.skew", self._observe_clock_skew)],
-            unit="s",
-            description="This host's clock minus the database's, at the last beat.",
-        )
-        meter.create_observable_up_down_counter(
-            "pgflow.instances",
-            [self._guarded("pgflow.instances", self._observe_instances)],
-            unit="{instance}",
-            description="Instances in the table, by status and liveness.",
-        )
-        meter.create_observable_up_down_counter(
-            "pgflow.queue.messages",
-            [self._guarded("pgflow.queue.messages", self._observe_queue_messages)],
-            unit="{message}",
-            description="Messages in each pgmq queue, visible or not.",
-        )
-        meter.create_observable_up_down_counter(
-            "pgflow.queue.visible_messages",
-            [
-                self._guarded(
-                    "pgflow.queue.visible_messages", self._observe_visible_messages
-                )
-            ],
-            unit="{message}",
-            description="Messages a reader could take now from each pgmq queue.",
-        )
-        meter.create_observable_gauge(
-            "pgflow.queue.oldest_message.age",
-            [
-                self._guarded(
-                    "pgflow.queue.oldest_message.age", self._observe_oldest_age
-                )
-            ],
-            unit="s",
-            description="Age of the oldest message in each pgmq queue; 0 if empty.",
-        )
-
-    def _guarded(
-        self, name: str, observe: Callable[[], Iterable[Observation]]
-    ) -> _Callback:
-        # Callbacks run inside the application's metric collection: they must
-        # not raise, and they observe nothing once the registry is closed.
-        def callback(options: CallbackOptions) -> Iterable[Observation]:
-            if self._closed:
-                return ()
-            try:
-                return list(observe())
-            except Exception:
-                logger.debug("callback of %s failed", name, exc_info=True)
-                return ()
-
-        return callback
-
-    def _queue_attributes(self, queue: str) -> dict[str, str]:
+    def _queue_attributes(self, queue: str) -> _Attributes:
         key = (queue, None)
         found = self._attributes.get(key)
         if found is None:
@@ -361,8 +280,10 @@ class RegistryMetrics:
         # finished before it, consistent with the started count.
         self.record_finished()
         snapshot = self.registry.tracker.snapshot()
+        closed = self._closed
         for queue, count in snapshot.by_queue.items():
-            yield Observation(count, self._queue_attributes(queue))
+            # A closed instance runs nothing, as its row says (load 0).
+            yield Observation(0 if closed else count, self._queue_attributes(queue))
 
     def _observe_started(self) -> Iterable[Observation]:
         snapshot = self.registry.tracker.snapshot()
@@ -422,6 +343,171 @@ class RegistryMetrics:
             yield Observation(age, self._queue_attributes(depth.queue))
 
 
+class _SharedInstruments:
+    """The instruments on one meter, fed by every registry attached to it.
+
+    The SDK hands back the first instrument when one with the same name is
+    created again, and drops the new callbacks; so each meter gets its
+    instruments once, and their callbacks ask every attached registry.
+    """
+
+    @classmethod
+    def of(cls, meter: Meter) -> _SharedInstruments:
+        with _shared_lock:
+            try:
+                found = _shared.get(meter)
+                if found is None:
+                    found = _shared[meter] = cls(meter)
+            except TypeError:
+                # A meter that cannot be weakly referenced is never shared.
+                found = cls(meter)
+            return found
+
+    def __init__(self, meter: Meter) -> None:
+        self._lock = threading.Lock()
+        self._sources: list[RegistryMetrics] = []
+        self.duration: Histogram = meter.create_histogram(
+            "pgflow.task.duration",
+            unit="s",
+            description="Time from a task's start to its stop or exception.",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        )
+        counter = meter.create_observable_counter
+        up_down = meter.create_observable_up_down_counter
+        gauge = meter.create_observable_gauge
+        this = RegistryMetrics
+        for create, name, unit, description, observe, kind in (
+            (
+                up_down,
+                "pgflow.tasks.executing",
+                "{task}",
+                "Tasks this instance is executing now.",
+                this._observe_executing,
+                _TOTAL,
+            ),
+            (
+                counter,
+                "pgflow.tasks.started",
+                "{task}",
+                "Tasks this instance started.",
+                this._observe_started,
+                _TOTAL,
+            ),
+            (
+                counter,
+                "pgflow.instance.heartbeats",
+                "{heartbeat}",
+                "Heartbeats of this instance, failed ones with error.type.",
+                this._observe_heartbeats,
+                _TOTAL,
+            ),
+            (
+                gauge,
+                "pgflow.instance.heartbeat.age",
+                "s",
+                "Time since this instance's last successful heartbeat.",
+                this._observe_heartbeat_age,
+                _LIVE,
+            ),
+            (
+                gauge,
+                "pgflow.instance.clock.skew",
+                "s",
+                "This host's clock minus the database's, at the last beat.",
+                this._observe_clock_skew,
+                _LIVE,
+            ),
+            (
+                up_down,
+                "pgflow.instances",
+                "{instance}",
+                "Instances in the table, by status and liveness.",
+                this._observe_instances,
+                _LIVE,
+            ),
+            (
+                up_down,
+                "pgflow.queue.messages",
+                "{message}",
+                "Messages in each pgmq queue, visible or not.",
+                this._observe_queue_messages,
+                _LIVE,
+            ),
+            (
+                up_down,
+                "pgflow.queue.visible_messages",
+                "{message}",
+                "Messages a reader could take now from each pgmq queue.",
+                this._observe_visible_messages,
+                _LIVE,
+            ),
+            (
+                gauge,
+                "pgflow.queue.oldest_message.age",
+                "s",
+                "Age of the oldest message in each pgmq queue; 0 if empty.",
+                this._observe_oldest_age,
+                _LIVE,
+            ),
+        ):
+            callback = self._callback(name, observe, kind)
+            create(name, [callback], unit=unit, description=description)
+
+    def attach(self, source: RegistryMetrics) -> None:
+        """Report *source* from now on; closed registries' final values end."""
+        with self._lock:
+            kept = [other for other in self._sources if not other.closed]
+            self._sources = [*kept, source]
+
+    def _callback(self, name: str, observe: _Observe, kind: str) -> _Callback:
+        # Callbacks run inside the application's metric collection: they must
+        # not raise. Totals are added up over registries, and closed ones still
+        # report theirs; live figures (the heartbeat's, the fleet's) come from
+        # open registries only, and the last one wins.
+        final = kind == _TOTAL
+
+        def callback(options: CallbackOptions) -> Iterable[Observation]:
+            with self._lock:
+                sources = self._sources
+            observations: list[Observation] = []
+            for source in sources:
+                if source.closed and not final:
+                    continue
+                try:
+                    observations.extend(observe(source))
+                except Exception:
+                    logger.debug(
+                        "callback of %s failed for instance %r",
+                        name,
+                        source.registry.instance_id(),
+                        exc_info=True,
+                    )
+            if len(sources) < 2:
+                return observations
+            return _combine(observations, add=final)
+
+        return callback
+
+
+_shared: weakref.WeakKeyDictionary[Meter, _SharedInstruments] = (
+    weakref.WeakKeyDictionary()
+)
+_shared_lock = threading.Lock()
+
+
+def _combine(observations: list[Observation], *, add: bool) -> list[Observation]:
+    combined: dict[frozenset[tuple[str, object]], Observation] = {}
+    for observation in observations:
+        key = frozenset((observation.attributes or {}).items())
+        previous = combined.get(key)
+        if previous is not None and add:
+            observation = Observation(
+                previous.value + observation.value, observation.attributes
+            )
+        combined[key] = observation
+    return list(combined.values())
+
+
 class _DroppedLog:
     """Log dropped durations when dropping starts, at intervals, and when it ends."""
 
@@ -438,24 +524,23 @@ class _DroppedLog:
             if dropped and self._since is None:
                 self._since = self._last_logged = now
                 self._count = dropped
-                message = "starts"
+                message = "started dropping task durations (%d so far)"
             elif dropped:
                 self._count += dropped
                 if now - self._last_logged < DROPPED_LOG_INTERVAL:
                     return
                 self._last_logged = now
-                message = "goes on"
+                message = "still drops task durations (%d so far)"
             elif self._since is not None:
                 self._since = None
-                message = "ended"
+                message = "stopped dropping task durations (%d in all)"
             else:
                 return
             count = self._count
         logger.warning(
-            "instance %r: dropping of task durations %s (%d dropped so far):"
-            " more than %d tasks finished between two drains",
+            "instance %r " + message + ": more than %d tasks finished between"
+            " two drains of the buffer, faster than they could be recorded",
             self.instance_id,
-            message,
             count,
             FINISHED_BUFFER,
         )

@@ -48,6 +48,7 @@ import dataclasses
 import logging
 import os
 import socket
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -287,7 +288,9 @@ def _metric_readers(servers: _Servers) -> list[MetricReader]:
         if name == "prometheus":
             readers.append(_prometheus_reader(servers))
         elif name == "console":
-            readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
+            readers.append(
+                PeriodicExportingMetricReader(ConsoleMetricExporter(out=sys.stdout))
+            )
         else:
             readers.append(PeriodicExportingMetricReader(_otlp_metric_exporter()))
     return readers
@@ -358,7 +361,7 @@ def _span_exporters() -> list[SpanExporter]:
     exporters: list[SpanExporter] = []
     for name in _names("OTEL_TRACES_EXPORTER", _SPAN_EXPORTERS):
         if name == "console":
-            exporters.append(ConsoleSpanExporter())
+            exporters.append(ConsoleSpanExporter(out=sys.stdout))
         else:
             exporters.append(_otlp_span_exporter())
     return exporters

@@ -321,7 +321,7 @@ def test_receiver_errors_are_logged_not_raised(
     def broken(*args: Any) -> None:
         raise RuntimeError("broken clock")
 
-    monkeypatch.setattr("pgflow_observe.load.time.monotonic", broken)
+    monkeypatch.setattr("pgflow_observe.load._monotonic", broken)
 
     signals.task_start.send(Executor(), task_id=1, queue="q")
 

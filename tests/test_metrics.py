@@ -370,7 +370,7 @@ def test_every_reader_gets_the_durations(
     assert values(from_second["pgflow.task.duration"])[queue("q")][0] == 3
 
 
-def test_close_records_the_last_durations_then_observes_nothing(
+def test_close_records_the_last_durations_and_keeps_the_final_totals(
     metrics_only: Settings,
     meter_provider: MeterProvider,
     reader: InMemoryMetricReader,
@@ -379,17 +379,66 @@ def test_close_records_the_last_durations_then_observes_nothing(
     monkeypatch.setattr(metrics_module, "DRAIN_INTERVAL", 3600.0)
     registry = Registry(metrics_only, meter_provider=meter_provider).start()
     run_tasks(None, "q", ok=2)
+    unfinished = running_task(None, task_id="left-running", queue="q")
+    unfinished.__enter__()
     registry.close()
     found = collect(reader)
+    unfinished.__exit__(None, None, None)
 
+    # What an export made after the close (the provider's last) carries.
     assert values(found["pgflow.task.duration"])[queue("q")][0] == 2
-    assert "pgflow.tasks.executing" not in found
-    assert "pgflow.tasks.started" not in found
+    assert values(found["pgflow.tasks.started"]) == {queue("q"): 3}
+    assert values(found["pgflow.tasks.executing"]) == {queue("q"): 0}
     assert not any(
         thread.name.startswith("pgflow-observe-metrics") and thread.is_alive()
         for thread in threading.enumerate()
     )
     assert registry.tracker.drain_finished() == ([], 0)
+
+
+def test_the_next_registry_retires_the_final_totals_of_a_closed_one(
+    metrics_only: Settings,
+    meter_provider: MeterProvider,
+    reader: InMemoryMetricReader,
+) -> None:
+    with Registry(metrics_only, meter_provider=meter_provider):
+        run_tasks(None, "q", ok=2)
+    with Registry(metrics_only, meter_provider=meter_provider):
+        run_tasks(None, "q", ok=1)
+        data = reader.get_metrics_data()
+
+    assert data is not None
+    started = [
+        values(metric)
+        for resource_metrics in data.resource_metrics
+        for scope_metrics in resource_metrics.scope_metrics
+        for metric in scope_metrics.metrics
+        if metric.name == "pgflow.tasks.started"
+    ]
+    assert started == [{queue("q"): 1}]
+
+
+def test_a_closed_registry_reports_no_heartbeat_age_or_fleet_figures(
+    fleet: Fleet,
+    make_settings: Callable[..., Settings],
+    meter_provider: MeterProvider,
+    reader: InMemoryMetricReader,
+) -> None:
+    settings = make_settings(fleet_metrics_interval=0.2)
+    with Registry(settings, meter_provider=meter_provider) as registry:
+        wait_for(lambda: clock_skew(registry) is not None)
+        wait_for(lambda: registry.fleet_snapshot() is not None)
+        run_tasks(None, "q", ok=1)
+        live = set(collect(reader))
+    found = collect(reader)
+
+    assert HEARTBEAT_INSTRUMENTS | {"pgflow.instances"} <= live
+    assert set(found) == {
+        "pgflow.tasks.executing",
+        "pgflow.tasks.started",
+        "pgflow.task.duration",
+        "pgflow.instance.heartbeats",
+    }
 
 
 def test_dropped_durations_are_logged_when_dropping_starts_and_ends(
@@ -415,9 +464,35 @@ def test_dropped_durations_are_logged_when_dropping_starts_and_ends(
     assert values(first["pgflow.task.duration"])[queue("q")][0] == 3
     assert values(first["pgflow.tasks.started"])[queue("q")] == 5
     assert len(messages) == 2
-    assert "starts (2 dropped so far)" in messages[0]
+    assert "started dropping task durations (2 so far)" in messages[0]
     assert metrics_only.instance_id in messages[0]
-    assert "ended" in messages[1]
+    assert "stopped dropping task durations (2 in all)" in messages[1]
+
+
+def test_registries_sharing_a_provider_add_up_their_counts(
+    meter_provider: MeterProvider, reader: InMemoryMetricReader
+) -> None:
+    first, second = Executor(), Executor()
+    with (
+        Registry(
+            Settings(dsn=None, instance_id="first"),
+            executor=first,
+            meter_provider=meter_provider,
+        ),
+        Registry(
+            Settings(dsn=None, instance_id="second"),
+            executor=second,
+            meter_provider=meter_provider,
+        ),
+    ):
+        run_tasks(first, "q", ok=2)
+        run_tasks(second, "q", ok=3)
+        with running_task(first, task_id=1, queue="q"):
+            found = collect(reader)
+
+    assert values(found["pgflow.tasks.started"]) == {queue("q"): 6}
+    assert values(found["pgflow.tasks.executing"]) == {queue("q"): 1}
+    assert values(found["pgflow.task.duration"])[queue("q")][0] == 5
 
 
 # -- robustness ------------------------------------------------------------------------
@@ -447,7 +522,8 @@ def test_a_failing_callback_is_logged_at_debug_and_others_still_report(
     ]
     assert {record.levelno for record in failures} == {logging.DEBUG}
     assert {record.getMessage() for record in failures} == {
-        f"callback of {name} failed" for name in FLEET_INSTRUMENTS
+        f"callback of {name} failed for instance {metrics_only.instance_id!r}"
+        for name in FLEET_INSTRUMENTS
     }
 
 

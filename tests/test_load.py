@@ -58,7 +58,7 @@ def test_threads_and_asyncio_tasks_keep_the_count_exact(tracker: LoadTracker) ->
                 pass
 
     async def run_async(worker: int) -> None:
-        for n in range(per_worker // 20):
+        for n in range(per_worker // 2):
             try:
                 async with running_task(
                     executor, task_id=worker * 1_000_000 + n, queue="async"
@@ -83,8 +83,8 @@ def test_threads_and_asyncio_tasks_keep_the_count_exact(tracker: LoadTracker) ->
     snapshot = tracker.snapshot()
     thread_tasks = 8 * per_worker
     thread_failures = 8 * len(range(0, per_worker, 7))
-    async_tasks = 200 * (per_worker // 20)
-    async_failures = 200 * len(range(0, per_worker // 20, 5))
+    async_tasks = 200 * (per_worker // 2)
+    async_failures = 200 * len(range(0, per_worker // 2, 5))
     assert snapshot.load == 0
     assert set(snapshot.by_queue.values()) == {0}
     assert snapshot.started == thread_tasks + async_tasks

@@ -255,3 +255,19 @@ def test_pause_survives_a_crash_and_a_sweep(
         fleet.resume(settings.instance_id)
         wait_for(lambda: not registry.paused)
         assert registry.accepting_work
+
+
+def test_pause_survives_a_crash_and_an_immediate_restart(
+    fleet: Fleet, settings: Settings
+) -> None:
+    worker = WorkerProcess(settings)
+    fleet.pause(settings.instance_id)
+    wait_for(lambda: fleet.get(settings.instance_id).status == "paused")  # type: ignore[union-attr]
+    worker.kill()
+
+    with Registry(settings, metrics=False) as registry:
+        row = fleet.get(settings.instance_id)
+        assert registry.paused
+
+    assert row is not None and row.status == "paused"
+    assert row.pid != str(worker.pid)

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import datetime
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -352,3 +354,26 @@ def test_closed_registry_cannot_start_again(fleet: Fleet, settings: Settings) ->
 
     with pytest.raises(Exception, match="closed"):
         registry.start()
+
+
+def test_interpreter_exit_marks_the_row_offline(
+    fleet: Fleet, settings: Settings
+) -> None:
+    script = (
+        "import sys\n"
+        "from pgflow_observe import Registry, Settings\n"
+        f"settings = Settings(dsn={settings.dsn!r}, schema={settings.schema!r},"
+        f" instance_id={settings.instance_id!r}, heartbeat_interval=30,"
+        " stale_timeout=120)\n"
+        "Registry(settings, metrics=False).start()\n"
+        "print('started', flush=True)\n"
+    )
+
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "started"
+    instance = fleet.get(settings.instance_id)
+    assert instance is not None and instance.status == "offline"

@@ -132,6 +132,17 @@ class Registry:
             if self._started:
                 return self
             self._started = True
+        try:
+            self._start()
+        except BaseException:
+            self._abort_start()
+            raise
+        atexit.register(self.close)
+        return self
+
+    def _start(self) -> None:
+        if not self.settings.metrics_only:
+            self._claim_id()
         self.tracker.connect()
         if self._metrics is not None:
             self._metrics.start()
@@ -140,9 +151,8 @@ class Registry:
                 "instance %r runs metrics-only (no database configured)",
                 self.settings.instance_id,
             )
-            return self
+            return
 
-        self._claim_id()
         heartbeat = Heartbeat(
             self.settings, self.tracker, token=self._token, on_intent=self._on_intent
         )
@@ -150,14 +160,11 @@ class Registry:
             heartbeat.register(create_table=self.settings.create_table)
         except psycopg.Error as exc:
             if self.settings.strict:
-                self._abort_start()
                 raise DatabaseUnavailable(
                     f"instance {self.settings.instance_id!r} cannot register at"
                     f" {self.settings.masked_dsn}: {type(exc).__name__}"
                 ) from exc
-        except BaseException:
-            self._abort_start()
-            raise
+            # Not strict: the heartbeat thread keeps trying in the background.
         self._heartbeat = heartbeat
         heartbeat.start()
         if self.settings.listen or self.settings.sweep:
@@ -169,8 +176,6 @@ class Registry:
                 on_snapshot=self._on_snapshot,
             )
             self._control.start()
-        atexit.register(self.close)
-        return self
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the background threads and mark the row offline with load 0.

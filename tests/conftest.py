@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,6 +21,7 @@ import pytest
 from psycopg import conninfo, sql
 
 from pgflow_observe import Fleet, Settings
+from pgflow_observe.queues import pgmq_installed
 
 TEST_DSN_VARIABLE = "PGFLOW_OBSERVE_TEST_DSN"
 
@@ -115,6 +117,40 @@ def pg(database_dsn: str) -> Iterator[psycopg.Connection[Any]]:
         yield conn
 
 
+@pytest.fixture(scope="session")
+def pgmq_dsn(database_dsn: str) -> str:
+    """The session database, with the SQL-only pgmq schema installed."""
+    install = pytest.importorskip("pgmq.install", reason="pip install -e '.[dev]'")
+    with psycopg.connect(database_dsn) as conn:
+        if not pgmq_installed(conn):
+            install.install_pgmq_from_sql(dsn=database_dsn)
+    return database_dsn
+
+
+@pytest.fixture
+def pgmq_queue(pgmq_dsn: str) -> Iterator[str]:
+    """An empty pgmq queue private to one test, dropped after it."""
+    name = f"q_{secrets.token_hex(4)}"
+    with psycopg.connect(pgmq_dsn, autocommit=True) as conn:
+        conn.execute("select pgmq.create(%s)", (name,))
+    yield name
+    with psycopg.connect(pgmq_dsn, autocommit=True) as conn:
+        conn.execute("select pgmq.drop_queue(%s)", (name,))
+
+
 @pytest.fixture(autouse=True)
 def _package_logs_at_debug(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="pgflow_observe")
+
+
+@pytest.fixture(autouse=True)
+def _no_registry_left_running() -> Iterator[None]:
+    """Fail a test that leaves a registry's background threads running."""
+    before = set(threading.enumerate())
+    yield
+    left = [
+        thread.name
+        for thread in threading.enumerate()
+        if thread.name.startswith("pgflow-observe") and thread not in before
+    ]
+    assert not left, f"threads left running: {left}"

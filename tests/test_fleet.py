@@ -20,17 +20,8 @@ from pgflow_observe import (
     Settings,
 )
 
+from helpers import wait_for
 from worker_process import WorkerProcess
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 def execute(pg: psycopg.Connection[Any], settings: Settings, query: str) -> None:

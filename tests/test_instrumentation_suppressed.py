@@ -9,9 +9,7 @@ on while the registry worked.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import psycopg
 import pytest
@@ -22,6 +20,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
 )
 
 from pgflow_observe import Fleet, Registry, Settings, running_task
+
+from helpers import wait_for
 
 psycopg_instrumentation = pytest.importorskip(
     "opentelemetry.instrumentation.psycopg", reason="pip install -e '.[dev]'"
@@ -40,16 +40,6 @@ def exporter() -> Iterator[InMemorySpanExporter]:
     finally:
         instrumentor.uninstrument()
         provider.shutdown()
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 def beats(registry: Registry) -> int:

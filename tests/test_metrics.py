@@ -25,7 +25,9 @@ from psycopg import sql
 from pgflow_observe import Fleet, Registry, Settings, __version__, running_task
 from pgflow_observe import metrics as metrics_module
 from pgflow_observe.fleet import FleetSnapshot
-from pgflow_observe.queues import QueueDepth, pgmq_installed
+from pgflow_observe.queues import QueueDepth
+
+from helpers import wait_for
 
 # name -> (unit, kind, monotonic for sums)
 DOCUMENTED = {
@@ -65,16 +67,6 @@ class Executor:
 
 class TaskFailed(Exception):
     pass
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 @pytest.fixture
@@ -698,23 +690,3 @@ def test_elected_instance_reports_instances_and_queue_depths(
     assert values(found["pgflow.queue.messages"])[queue(pgmq_queue)] == 4
     assert values(found["pgflow.queue.visible_messages"])[queue(pgmq_queue)] == 3
     assert values(found["pgflow.queue.oldest_message.age"])[queue(pgmq_queue)] >= 0
-
-
-@pytest.fixture(scope="session")
-def pgmq_dsn(database_dsn: str) -> str:
-    """The session database, with the SQL-only pgmq schema installed."""
-    install = pytest.importorskip("pgmq.install", reason="pip install -e '.[dev]'")
-    with psycopg.connect(database_dsn) as conn:
-        if not pgmq_installed(conn):
-            install.install_pgmq_from_sql(dsn=database_dsn)
-    return database_dsn
-
-
-@pytest.fixture
-def pgmq_queue(pgmq_dsn: str) -> Iterator[str]:
-    name = f"q_{secrets.token_hex(4)}"
-    with psycopg.connect(pgmq_dsn, autocommit=True) as conn:
-        conn.execute("select pgmq.create(%s)", (name,))
-    yield name
-    with psycopg.connect(pgmq_dsn, autocommit=True) as conn:
-        conn.execute("select pgmq.drop_queue(%s)", (name,))

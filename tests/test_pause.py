@@ -22,17 +22,8 @@ from pgflow_observe import (
     running_task,
 )
 
+from helpers import wait_for
 from worker_process import WorkerProcess
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 class SignalLog:

@@ -20,7 +20,6 @@ import secrets
 import shutil
 import socket
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -33,7 +32,8 @@ import pytest
 
 from pgflow_observe import Fleet, Registry, Settings, running_task
 from pgflow_observe.otel import Telemetry, configure_opentelemetry
-from pgflow_observe.queues import pgmq_installed
+
+from helpers import wait_for
 
 pytestmark = pytest.mark.prometheus
 
@@ -76,18 +76,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def wait_for(
-    condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition"
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not met within {timeout} s")
 
 
 class PrometheusServer:
@@ -161,21 +149,13 @@ def prometheus_binaries() -> tuple[str, str]:
 
 
 @pytest.fixture
-def pgmq_queue(database_dsn: str) -> Iterator[str]:
-    install = pytest.importorskip("pgmq.install", reason="pip install -e '.[dev]'")
-    with psycopg.connect(database_dsn) as conn:
-        if not pgmq_installed(conn):
-            install.install_pgmq_from_sql(dsn=database_dsn)
-    name = f"q_{secrets.token_hex(4)}"
-    with psycopg.connect(database_dsn, autocommit=True) as conn:
-        conn.execute("select pgmq.create(%s)", (name,))
+def filled_queue(pgmq_dsn: str, pgmq_queue: str) -> str:
+    with psycopg.connect(pgmq_dsn, autocommit=True) as conn:
         for n in range(4):
-            conn.execute("select pgmq.send(%s, %s::jsonb)", (name, json.dumps(n)))
+            conn.execute("select pgmq.send(%s, %s::jsonb)", (pgmq_queue, json.dumps(n)))
         # A reader holds one message: still in the queue, no longer visible.
-        conn.execute("select * from pgmq.read(%s, 300, 1)", (name,))
-    yield name
-    with psycopg.connect(database_dsn, autocommit=True) as conn:
-        conn.execute("select pgmq.drop_queue(%s)", (name,))
+        conn.execute("select * from pgmq.read(%s, 300, 1)", (pgmq_queue,))
+    return pgmq_queue
 
 
 @pytest.fixture
@@ -202,7 +182,7 @@ def test_prometheus_scrapes_the_documented_series_with_their_values(
     prometheus_binaries: tuple[str, str],
     fleet: Fleet,
     make_settings: Callable[..., Settings],
-    pgmq_queue: str,
+    filled_queue: str,
     telemetry: Telemetry,
     tmp_path: Path,
 ) -> None:
@@ -215,12 +195,12 @@ def test_prometheus_scrapes_the_documented_series_with_their_values(
     in_flight = running_task(None, task_id="long", queue="reports")
     try:
         for n in range(3):
-            with running_task(None, task_id=n, queue=pgmq_queue):
+            with running_task(None, task_id=n, queue=filled_queue):
                 pass
         for n in range(2):
             with (
                 pytest.raises(TaskFailed),
-                running_task(None, task_id=f"bad-{n}", queue=pgmq_queue),
+                running_task(None, task_id=f"bad-{n}", queue=filled_queue),
             ):
                 raise TaskFailed
         in_flight.__enter__()
@@ -230,12 +210,12 @@ def test_prometheus_scrapes_the_documented_series_with_their_values(
             heartbeat = registry.stats().heartbeat
             return (
                 snapshot is not None
-                and any(depth.queue == pgmq_queue for depth in snapshot.queues)
+                and any(depth.queue == filled_queue for depth in snapshot.queues)
                 and heartbeat is not None
                 and heartbeat.clock_skew is not None
             )
 
-        wait_for(fleet_seen, what="fleet snapshot and a heartbeat")
+        wait_for(fleet_seen, what="fleet snapshot and a heartbeat", timeout=30)
 
         # promtool lints the exposition text as Prometheus would read it.
         text = exposition(telemetry)
@@ -252,11 +232,12 @@ def test_prometheus_scrapes_the_documented_series_with_their_values(
         assert telemetry.prometheus_address is not None
         host, port = telemetry.prometheus_address
         server = PrometheusServer(prometheus, tmp_path, f"{host}:{port}")
-        wait_for(server.ready, what="prometheus ready")
-        queue = f'pgflow_queue="{pgmq_queue}"'
+        wait_for(server.ready, what="prometheus ready", timeout=30)
+        queue = f'pgflow_queue="{filled_queue}"'
         wait_for(
             lambda: server.query(f"pgflow_queue_messages{{{queue}}}"),
             what="a scrape with every series",
+            timeout=30,
         )
 
         # Task series.

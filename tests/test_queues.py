@@ -3,36 +3,14 @@
 from __future__ import annotations
 
 import json
-import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
-import pytest
 
 from pgflow_observe import Fleet, Registry, Settings
-from pgflow_observe.queues import pgmq_installed, read_queue_depths
-
-
-@pytest.fixture(scope="session")
-def pgmq_database(database_dsn: str) -> str:
-    """The session database with the SQL-only pgmq schema installed."""
-    install = pytest.importorskip("pgmq.install", reason="pip install -e '.[dev]'")
-    with psycopg.connect(database_dsn) as conn:
-        if not pgmq_installed(conn):
-            install.install_pgmq_from_sql(dsn=database_dsn)
-    return database_dsn
-
-
-@pytest.fixture
-def queue(pgmq_database: str) -> Iterator[str]:
-    name = f"q_{secrets.token_hex(4)}"
-    with psycopg.connect(pgmq_database, autocommit=True) as conn:
-        conn.execute("select pgmq.create(%s)", (name,))
-    yield name
-    with psycopg.connect(pgmq_database, autocommit=True) as conn:
-        conn.execute("select pgmq.drop_queue(%s)", (name,))
+from pgflow_observe.queues import read_queue_depths
 
 
 def send(dsn: str, queue: str, count: int) -> None:
@@ -43,34 +21,34 @@ def send(dsn: str, queue: str, count: int) -> None:
             )
 
 
-def test_depth_counts_all_and_visible_messages(pgmq_database: str, queue: str) -> None:
-    send(pgmq_database, queue, 5)
+def test_depth_counts_all_and_visible_messages(pgmq_dsn: str, pgmq_queue: str) -> None:
+    send(pgmq_dsn, pgmq_queue, 5)
     time.sleep(1.1)  # pgmq reports ages in whole seconds
-    with psycopg.connect(pgmq_database, autocommit=True) as conn:
+    with psycopg.connect(pgmq_dsn, autocommit=True) as conn:
         # A worker takes two messages: hidden for 30 s, still in the queue.
-        conn.execute("select * from pgmq.read(%s, 30, 2)", (queue,))
+        conn.execute("select * from pgmq.read(%s, 30, 2)", (pgmq_queue,))
         depths = {d.queue: d for d in read_queue_depths(conn)}
 
-    depth = depths[queue]
+    depth = depths[pgmq_queue]
     assert depth.messages == 5
     assert depth.visible == 3
     assert depth.oldest_age is not None and depth.oldest_age >= 1
 
 
-def test_empty_queue_has_no_oldest_age(pgmq_database: str, queue: str) -> None:
-    with psycopg.connect(pgmq_database) as conn:
-        depth = {d.queue: d for d in read_queue_depths(conn)}[queue]
+def test_empty_queue_has_no_oldest_age(pgmq_dsn: str, pgmq_queue: str) -> None:
+    with psycopg.connect(pgmq_dsn) as conn:
+        depth = {d.queue: d for d in read_queue_depths(conn)}[pgmq_queue]
 
     assert (depth.messages, depth.visible, depth.oldest_age) == (0, 0, None)
 
 
 def test_elected_instance_reports_queue_depths(
-    pgmq_database: str,
-    queue: str,
+    pgmq_dsn: str,
+    pgmq_queue: str,
     fleet: Fleet,
     make_settings: Callable[..., Settings],
 ) -> None:
-    send(pgmq_database, queue, 4)
+    send(pgmq_dsn, pgmq_queue, 4)
     settings = make_settings(fleet_metrics_interval=0.2)
 
     with Registry(settings, metrics=False) as registry:
@@ -82,8 +60,8 @@ def test_elected_instance_reports_queue_depths(
             return {d.queue: d for d in snapshot.queues}
 
         deadline = time.monotonic() + 5
-        while not (found := depths()) or queue not in found:
+        while not (found := depths()) or pgmq_queue not in found:
             assert time.monotonic() < deadline, "no queue depths reported"
             time.sleep(0.05)
 
-    assert found[queue].messages == 4
+    assert found[pgmq_queue].messages == 4

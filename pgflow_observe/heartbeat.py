@@ -43,6 +43,9 @@ BACKOFF_INITIAL = 0.5
 #: Clock skew beyond this many seconds is logged (once).
 CLOCK_SKEW_WARNING = 2.0
 
+# The client's wall clock, compared with the database's at each heartbeat.
+_wall_clock = time.time
+
 #: Called with (pause requested, status in the row, connection) after a beat.
 IntentCallback = Callable[[bool, "str | None", "psycopg.Connection[Any]"], None]
 
@@ -376,7 +379,7 @@ class Heartbeat:
             table.heartbeat_statement(self.settings),
             {
                 "load": self._tracker.load,
-                "client_time": time.time(),
+                "client_time": _wall_clock(),
                 "id": self.settings.instance_id,
                 "token": self._token,
             },

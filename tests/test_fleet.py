@@ -276,8 +276,10 @@ def test_clock_skew_is_measured_at_each_heartbeat_and_logged_once(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    real_time = time.time
-    monkeypatch.setattr("pgflow_observe.heartbeat.time.time", lambda: real_time() + 30)
+    # This host's clock runs 30 s ahead of the database's.
+    monkeypatch.setattr(
+        "pgflow_observe.heartbeat._wall_clock", lambda: time.time() + 30
+    )
 
     with Registry(settings, metrics=False) as registry:
         skew = wait_for(lambda: registry.stats().heartbeat.clock_skew)  # type: ignore[union-attr]

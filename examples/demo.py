@@ -193,6 +193,8 @@ def main() -> None:
         for name, values in sorted(points.items()):
             for attributes, value in values:
                 print(f"{name} {attributes or ''} {value}")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("select pgmq.drop_queue(%s)", (QUEUE,))
 
 
 if __name__ == "__main__":

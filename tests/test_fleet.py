@@ -96,7 +96,6 @@ def test_fleet_snapshot_counts_instances_by_status_and_liveness(
         )
 
     assert snapshot.instances == {("online", "alive"): 1, ("offline", "offline"): 1}
-    assert snapshot.queues == []
 
 
 def test_crashed_instance_restarted_on_the_same_host_takes_its_row_at_once(

@@ -20,11 +20,10 @@ __all__ = ["connect"]
 def connect(
     settings: Settings,
     *,
-    autocommit: bool = True,
     connect_timeout: float | None = None,
     purpose: str = "heartbeat",
 ) -> psycopg.Connection[tuple[object, ...]]:
-    """Open a connection for the library's own use.
+    """Open an autocommit connection for the library's own use.
 
     :param settings: must name a DSN.
     :param connect_timeout: overrides `Settings.connect_timeout`.
@@ -36,7 +35,7 @@ def connect(
     statement_ms = max(1, int(settings.statement_timeout * 1000))
     conn = psycopg.connect(
         settings.dsn,
-        autocommit=autocommit,
+        autocommit=True,
         connect_timeout=max(1, round(timeout)),
         application_name=f"pgflow_observe {__version__} {purpose}"[:63],
         keepalives=1,
@@ -54,8 +53,6 @@ def connect(
             ),
             {"ms": str(statement_ms), "idle": str(statement_ms * 4)},
         )
-        if not autocommit:
-            conn.commit()
     except BaseException:
         conn.close()
         raise

@@ -71,6 +71,8 @@ class HeartbeatStats:
     """`time.monotonic()` when the current outage began, None when healthy."""
     reregistrations: int
     """Times the row was found gone or offline while running and restored."""
+    displaced: bool
+    """True once another process took the row over; the heartbeat stopped."""
 
 
 class _OutageLog:
@@ -206,11 +208,6 @@ class Heartbeat:
             thread.join(timeout)
         return not thread.is_alive()
 
-    @property
-    def displaced(self) -> bool:
-        """True once another process took this instance's row over."""
-        return self._displaced
-
     def stats(self) -> HeartbeatStats:
         """Return the thread's counters."""
         with self._lock:
@@ -224,6 +221,7 @@ class Heartbeat:
                 clock_skew=self._clock_skew,
                 outage_since=self._outage.since,
                 reregistrations=self._reregistrations,
+                displaced=self._displaced,
             )
 
     # -- the thread ----------------------------------------------------------------
@@ -313,7 +311,7 @@ class Heartbeat:
             with conn.transaction():
                 holder = table.lock_and_read_holder(conn, self.settings)
                 self._check_holder(holder)
-                paused, _ = table.upsert_instance(
+                paused = table.upsert_instance(
                     conn,
                     self.settings,
                     hostname=self._hostname,

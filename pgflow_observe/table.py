@@ -207,8 +207,8 @@ def upsert_instance(
     pid: str,
     token: str,
     library_version: str,
-) -> tuple[bool, bool]:
-    """Insert or take over the row; returns (paused, inserted).
+) -> bool:
+    """Insert or take over the row; returns whether a pause is in force.
 
     created_at and an operator's pause survive; the status follows the pause.
     """
@@ -231,7 +231,7 @@ def upsert_instance(
             " capacity = excluded.capacity, metadata = excluded.metadata,"
             " library_version = excluded.library_version,"
             " process_token = excluded.process_token"
-            " returning t.pause_requested_at is not null, (xmax = 0)"
+            " returning t.pause_requested_at is not null"
         ).format(table=qualified_name(settings)),
         {
             "id": settings.instance_id,
@@ -244,7 +244,7 @@ def upsert_instance(
         },
     ).fetchone()
     assert row is not None
-    return bool(row[0]), bool(row[1])
+    return bool(row[0])
 
 
 def heartbeat_statement(settings: Settings) -> sql.Composed:

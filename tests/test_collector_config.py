@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +24,8 @@ import yaml
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
     DEFAULT_ENDPOINT as OTLP_HTTP_DEFAULT_ENDPOINT,
 )
+
+from helpers import DOCUMENTED_SERIES, prometheus_binary
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "collector-config"
 COLLECTOR_CONFIG = CONFIG_DIR / "otel-collector.yaml"
@@ -51,26 +52,8 @@ GRAFANA_PROVISIONING_IN_IMAGE = "/etc/grafana/provisioning"
 PROMETHEUS_PORT = 9090
 GRAFANA_PORT = 3000
 
-# The Prometheus names of the instruments pgflow_observe exports, as the
-# collector's prometheus exporter writes them, plus target_info, which carries
-# the resource attributes.
-DOCUMENTED_METRIC_NAMES = frozenset(
-    {
-        "pgflow_tasks_executing",
-        "pgflow_tasks_started_total",
-        "pgflow_task_duration_seconds_bucket",
-        "pgflow_task_duration_seconds_sum",
-        "pgflow_task_duration_seconds_count",
-        "pgflow_instance_heartbeats_total",
-        "pgflow_instance_heartbeat_age_seconds",
-        "pgflow_instance_clock_skew_seconds",
-        "pgflow_instances",
-        "pgflow_queue_messages",
-        "pgflow_queue_visible_messages",
-        "pgflow_queue_oldest_message_age_seconds",
-        "target_info",
-    }
-)
+# The documented series, plus target_info, which carries the resource.
+DOCUMENTED_METRIC_NAMES = DOCUMENTED_SERIES | {"target_info"}
 
 # One entry per instrument; the histogram counts as shown through any of its
 # three series.
@@ -224,17 +207,6 @@ def _metric_names(expr: str) -> set[str]:
             continue
         names.add(word)
     return names
-
-
-def _promtool() -> str:
-    path = shutil.which("promtool")
-    if path is not None:
-        return path
-
-    reason = "promtool (from Prometheus) is not on PATH"
-    if os.environ.get("PGFLOW_OBSERVE_REQUIRE_PROMETHEUS") == "1":
-        pytest.fail(f"{reason} and PGFLOW_OBSERVE_REQUIRE_PROMETHEUS=1")
-    pytest.skip(f"{reason}; set PGFLOW_OBSERVE_REQUIRE_PROMETHEUS=1 to fail instead")
 
 
 def test_pipelines_reference_only_defined_components(
@@ -470,7 +442,7 @@ def test_metric_name_extraction_skips_labels_functions_and_ranges() -> None:
 @pytest.mark.prometheus
 def test_promtool_accepts_the_prometheus_config() -> None:
     result = subprocess.run(
-        [_promtool(), "check", "config", str(PROMETHEUS_CONFIG)],
+        [prometheus_binary("promtool"), "check", "config", str(PROMETHEUS_CONFIG)],
         capture_output=True,
         text=True,
         check=False,
@@ -483,7 +455,7 @@ def test_promtool_parses_every_dashboard_query(
     dashboard: dict[str, Any],
     tmp_path: Path,
 ) -> None:
-    promtool = _promtool()
+    promtool = prometheus_binary("promtool")
 
     # Recording rules are the one thing promtool parses PromQL for offline.
     rules = [

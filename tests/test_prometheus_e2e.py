@@ -15,9 +15,7 @@ PGFLOW_OBSERVE_REQUIRE_PROMETHEUS=1, as in CI.
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import shutil
 import socket
 import subprocess
 import urllib.error
@@ -33,43 +31,13 @@ import pytest
 from pgflow_observe import Fleet, Registry, Settings, running_task
 from pgflow_observe.otel import Telemetry, configure_opentelemetry
 
-from helpers import wait_for
+from helpers import DOCUMENTED_SERIES, prometheus_binary, wait_for
 
 pytestmark = pytest.mark.prometheus
-
-REQUIRE_VARIABLE = "PGFLOW_OBSERVE_REQUIRE_PROMETHEUS"
-
-# The Prometheus series of every instrument, as documented for the collector
-# config and the dashboard.
-DOCUMENTED_SERIES = {
-    "pgflow_tasks_executing",
-    "pgflow_tasks_started_total",
-    "pgflow_task_duration_seconds_bucket",
-    "pgflow_task_duration_seconds_sum",
-    "pgflow_task_duration_seconds_count",
-    "pgflow_instance_heartbeats_total",
-    "pgflow_instance_heartbeat_age_seconds",
-    "pgflow_instance_clock_skew_seconds",
-    "pgflow_instances",
-    "pgflow_queue_messages",
-    "pgflow_queue_visible_messages",
-    "pgflow_queue_oldest_message_age_seconds",
-}
 
 
 class TaskFailed(Exception):
     pass
-
-
-def binary(name: str) -> str:
-    """The path of *name*, else skip (or fail when it is required)."""
-    path = shutil.which(name)
-    if path is not None:
-        return path
-    message = f"the {name} binary is not on PATH (Debian: apt-get install prometheus)"
-    if os.environ.get(REQUIRE_VARIABLE) == "1":
-        pytest.fail(f"{message}; {REQUIRE_VARIABLE}=1 requires it")
-    pytest.skip(message)
 
 
 def free_port() -> int:
@@ -145,7 +113,7 @@ class PrometheusServer:
 
 @pytest.fixture
 def prometheus_binaries() -> tuple[str, str]:
-    return binary("prometheus"), binary("promtool")
+    return prometheus_binary("prometheus"), prometheus_binary("promtool")
 
 
 @pytest.fixture

@@ -51,9 +51,6 @@ class Control:
     :param token: the registry's process token (marks its row).
     :param on_intent: called with (paused, None, connection) when a
         notification for this instance arrives; must not raise.
-    :param on_leader: called with True/False when leadership changes.
-    :param on_snapshot: called with fresh fleet figures while leader, and
-        with None when leadership is lost.
     """
 
     def __init__(
@@ -62,14 +59,10 @@ class Control:
         *,
         token: str,
         on_intent: IntentCallback,
-        on_leader: Callable[[bool], None],
-        on_snapshot: Callable[[FleetSnapshot | None], None],
     ) -> None:
         self.settings = settings
         self._token = token
         self._on_intent = on_intent
-        self._on_leader = on_leader
-        self._on_snapshot = on_snapshot
         self._channel = table.notification_channel(settings)
         self._leader_key = table.lock_key(settings, "leader")
         self._stop = threading.Event()
@@ -77,6 +70,7 @@ class Control:
         self._thread: threading.Thread | None = None
         self._conn: psycopg.Connection[Any] | None = None
         self._leader = False
+        self._snapshot: FleetSnapshot | None = None
         self._has_pgmq: bool | None = None
         self._next_sweep = 0.0
         self._next_snapshot = 0.0
@@ -111,6 +105,11 @@ class Control:
     def leader(self) -> bool:
         """True while this instance holds the sweeper's lock."""
         return self._leader
+
+    @property
+    def snapshot(self) -> FleetSnapshot | None:
+        """The latest fleet-wide figures while leader, else None."""
+        return self._snapshot
 
     def _run(self) -> None:
         suppress_instrumentation_in_this_thread()
@@ -184,9 +183,8 @@ class Control:
             self.settings.instance_id,
             "is now" if leader else "is no longer",
         )
-        self._on_leader(leader)
         if not leader:
-            self._on_snapshot(None)
+            self._snapshot = None
 
     def _tick(self, conn: psycopg.Connection[Any]) -> None:
         if self.settings.sweep and not self._leader:
@@ -211,13 +209,13 @@ class Control:
                 )
         if now >= self._next_snapshot:
             self._next_snapshot = now + self.settings.fleet_metrics_interval
-            self._on_snapshot(self._snapshot(conn))
+            self._snapshot = self._read_snapshot(conn)
 
     def _sweep_interval(self) -> float:
         assert self.settings.sweep_interval is not None
         return self.settings.sweep_interval
 
-    def _snapshot(self, conn: psycopg.Connection[Any]) -> FleetSnapshot:
+    def _read_snapshot(self, conn: psycopg.Connection[Any]) -> FleetSnapshot:
         if self._has_pgmq is None:
             self._has_pgmq = pgmq_installed(conn)
         queues = read_queue_depths(conn) if self._has_pgmq else []

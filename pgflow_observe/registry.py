@@ -94,11 +94,9 @@ class Registry:
         self._claim: tuple[str, str, str, str] | None = None
         self._heartbeat: Heartbeat | None = None
         self._control: Control | None = None
-        self._leader = False
-        self._paused = False
+        # The pause state lives here alone: set while accepting work.
         self._accepting = threading.Event()
         self._accepting.set()
-        self._fleet_snapshot: FleetSnapshot | None = None
         self._metrics: RegistryMetrics | None = None
         if metrics or tracing:
             self._metrics = RegistryMetrics(
@@ -172,8 +170,6 @@ class Registry:
                 self.settings,
                 token=self._token,
                 on_intent=self._on_intent,
-                on_leader=self._on_leader,
-                on_snapshot=self._on_snapshot,
             )
             self._control.start()
 
@@ -264,7 +260,7 @@ class Registry:
     @property
     def paused(self) -> bool:
         """True while an operator's pause is in force for this instance."""
-        return self._paused
+        return not self._accepting.is_set()
 
     @property
     def accepting_work(self) -> bool:
@@ -282,8 +278,8 @@ class Registry:
             instance_id=self.settings.instance_id,
             load=self.tracker.snapshot(),
             heartbeat=None if heartbeat is None else heartbeat.stats(),
-            paused=self._paused,
-            leader=self._leader,
+            paused=self.paused,
+            leader=self.leader,
         )
 
     def fleet_snapshot(self) -> FleetSnapshot | None:
@@ -292,18 +288,14 @@ class Registry:
         Refreshed in the background by the control thread; reading it does
         no I/O.
         """
-        return self._fleet_snapshot
+        control = self._control
+        return None if control is None else control.snapshot
 
     @property
     def leader(self) -> bool:
         """True while this instance is the fleet's elected sweeper."""
-        return self._leader
-
-    def _on_leader(self, leader: bool) -> None:
-        self._leader = leader
-
-    def _on_snapshot(self, snapshot: FleetSnapshot | None) -> None:
-        self._fleet_snapshot = snapshot
+        control = self._control
+        return control is not None and control.leader
 
     def mark_offline(self) -> None:
         """Alias of `close()`, under the original registry's name."""
@@ -315,9 +307,8 @@ class Registry:
         # Called from the heartbeat and control threads; the lock keeps the
         # paused/resumed signals in the order the changes were applied.
         with self._intent_lock:
-            changed = paused != self._paused
+            changed = paused != self.paused
             if changed:
-                self._paused = paused
                 if paused:
                     self._accepting.clear()
                 else:

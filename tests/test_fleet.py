@@ -9,7 +9,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
+from psycopg import conninfo, sql
 
 from pgflow_observe import (
     DuplicateInstance,
@@ -134,10 +134,11 @@ def test_live_duplicate_on_another_host_is_refused(
         execute(
             pg, settings, "update {} set hostname = 'elsewhere' where instance_id = %s"
         )
-        other = Registry(settings, metrics=False)
-        # A second registry in this process is refused before the row check;
-        # drop that guard's claim to test the row check itself.
-        other._claim_id = lambda: None  # type: ignore[method-assign]
+        # The in-process guard keys on the DSN; an equivalent DSN spelled
+        # differently passes it, so the row check itself is what refuses.
+        assert settings.dsn is not None
+        dsn = conninfo.make_conninfo(settings.dsn, application_name="second")
+        other = Registry(Settings(**{**_fields(settings), "dsn": dsn}), metrics=False)
 
         with pytest.raises(DuplicateInstance, match="'elsewhere'"):
             other.start()

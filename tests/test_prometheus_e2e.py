@@ -40,6 +40,19 @@ class TaskFailed(Exception):
     pass
 
 
+def promtool_check_metrics(promtool: str, text: str) -> None:
+    """Fail unless ``promtool check metrics`` accepts the exposition *text*."""
+    checked = subprocess.run(
+        [promtool, "check", "metrics"],
+        input=text,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -187,15 +200,7 @@ def test_prometheus_scrapes_the_documented_series_with_their_values(
 
         # promtool lints the exposition text as Prometheus would read it.
         text = exposition(telemetry)
-        checked = subprocess.run(
-            [promtool, "check", "metrics"],
-            input=text,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-        assert checked.returncode == 0, checked.stdout + checked.stderr
+        promtool_check_metrics(promtool, text)
 
         assert telemetry.prometheus_address is not None
         host, port = telemetry.prometheus_address
@@ -267,15 +272,6 @@ def test_promtool_accepts_the_exposition_of_a_metrics_only_worker(
                 raise KeyError("x")
             text = exposition(telemetry)
 
-    checked = subprocess.run(
-        [promtool, "check", "metrics"],
-        input=text,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-
-    assert checked.returncode == 0, checked.stdout + checked.stderr
+    promtool_check_metrics(promtool, text)
     assert "pgflow_task_duration_seconds_count{" in text
     assert 'error_type="KeyError"' in text
